@@ -1,0 +1,411 @@
+"""
+The two backbones of cee, written so that early exit can stop after any layer.
+
+- Encoder: BERT (Devlin et al. 2019). Post-LayerNorm blocks, an exit head after every layer.
+- Decoder: GPT-2 (Radford et al. 2019). Pre-LayerNorm causal blocks; the exit head of layer l is
+  the final LayerNorm + the LM head applied to layer l's state (CALM, Schuster et al. 2022).
+- Policy: the small per-layer MLP of ConsistentEE (Zeng et al. 2024, arXiv 2312.11882) that reads
+  a layer's state and gives the probability of exiting there.
+
+Both backbones run one layer at a time (embed, then run_layer(l, ...) for l = 0..L-1), so an
+inference loop can stop any input after any layer. from_pretrained() loads a local Hugging Face
+folder with explicit key maps, as nanoGPT's GPT.from_pretrained does.
+"""
+import json
+import math
+import os
+from dataclasses import dataclass, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+ACTIVATIONS = {  # Hugging Face's names for the MLP nonlinearity
+    "gelu": lambda x: F.gelu(x),
+    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_fast": lambda x: F.gelu(x, approximate="tanh"),
+    "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x),
+    "relu": F.relu,
+    "silu": F.silu,
+    "swish": F.silu,
+    "tanh": torch.tanh,
+    "linear": lambda x: x,
+}
+
+
+@dataclass
+class Config:
+    n_layer: int = 6              # L, the number of transformer blocks (and of exits)
+    n_head: int = 12
+    n_embd: int = 384             # C, the width of every state
+    n_inner: int = 1536           # MLP hidden width
+    vocab_size: int = 30522
+    block_size: int = 512         # the size of the position table: the longest input
+    type_vocab_size: int = 2      # encoder only: BERT's segment embeddings
+    n_labels: int = 2             # encoder only: classes of each exit head
+    pool: str = "mean"            # encoder only: exit state = "mean" of tokens or "cls" (first token + BERT pooler)
+    causal: bool = False          # encoder only: BERT configs with is_decoder=True attend causally
+    act: str = "gelu"             # a key of ACTIVATIONS
+    ln_eps: float = 1e-12
+    dropout: float = 0.1
+    attn_scale_by_layer: bool = False  # GPT-2's scale_attn_by_inverse_layer_idx
+    attn_scale: bool = True       # GPT-2's scale_attn_weights: divide scores by sqrt(head size)
+    tie_lm_head: bool = True      # decoder only: the LM head shares the token embedding
+    policy_hidden: int = 32       # width of the policy MLP (reference: 32)
+    policy_conf: bool = True      # the policy also reads the exit head's confidence (max prob, entropy)
+
+    def __post_init__(self):
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd={self.n_embd} is not a multiple of n_head={self.n_head}")
+        if self.act not in ACTIVATIONS:
+            raise ValueError(f"activation {self.act!r} is not supported; known: {', '.join(ACTIVATIONS)}")
+        if self.pool not in ("mean", "cls"):
+            raise ValueError(f"pool must be 'mean' or 'cls', got {self.pool!r}")
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention; with a KV cache it writes this call's keys/values at `pos`."""
+
+    def __init__(self, cfg, layer):
+        super().__init__()
+        self.n_head = cfg.n_head
+        self.qkv = nn.Linear(cfg.n_embd, 3 * cfg.n_embd)
+        self.proj = nn.Linear(cfg.n_embd, cfg.n_embd)
+        self.dropout = cfg.dropout
+        head_size = cfg.n_embd // cfg.n_head
+        self.scale = (head_size ** -0.5 if cfg.attn_scale else 1.0) / ((layer + 1) if cfg.attn_scale_by_layer else 1)
+
+    def forward(self, x, bias=None, causal=False, cache=None, pos=0):
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).split(C, dim=2)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, H, T, D)
+        if cache is not None:  # cache: this layer's (k, v) buffers, each (B, H, T_max, D)
+            cache[0][:, :, pos:pos + T] = k
+            cache[1][:, :, pos:pos + T] = v
+            k, v = cache[0][:, :, :pos + T], cache[1][:, :, :pos + T]  # (B, H, pos+T, D)
+        if causal and pos > 0:  # query i sits at position pos+i and sees keys 0..pos+i
+            bias = torch.ones(T, pos + T, dtype=torch.bool, device=x.device).tril(diagonal=pos)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, is_causal=causal and pos == 0 and T > 1,
+                                           dropout_p=self.dropout if self.training else 0.0, scale=self.scale)
+        y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
+        return F.dropout(self.proj(y), self.dropout, self.training)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.fc = nn.Linear(cfg.n_embd, cfg.n_inner)
+        self.proj = nn.Linear(cfg.n_inner, cfg.n_embd)
+        self.act = ACTIVATIONS[cfg.act]
+        self.dropout = cfg.dropout
+
+    def forward(self, x):
+        return F.dropout(self.proj(self.act(self.fc(x))), self.dropout, self.training)
+
+
+class EncoderBlock(nn.Module):
+    """BERT's block: LayerNorm after each residual add (post-LN)."""
+
+    def __init__(self, cfg, layer):
+        super().__init__()
+        self.attn, self.ln_1 = Attention(cfg, layer), nn.LayerNorm(cfg.n_embd, eps=cfg.ln_eps)
+        self.mlp, self.ln_2 = MLP(cfg), nn.LayerNorm(cfg.n_embd, eps=cfg.ln_eps)
+        self.causal = cfg.causal
+
+    def forward(self, x, bias=None):
+        x = self.ln_1(x + self.attn(x, bias, causal=self.causal))
+        return self.ln_2(x + self.mlp(x))
+
+
+class DecoderBlock(nn.Module):
+    """GPT-2's block: LayerNorm before each sublayer (pre-LN), causal attention."""
+
+    def __init__(self, cfg, layer):
+        super().__init__()
+        self.ln_1, self.attn = nn.LayerNorm(cfg.n_embd, eps=cfg.ln_eps), Attention(cfg, layer)
+        self.ln_2, self.mlp = nn.LayerNorm(cfg.n_embd, eps=cfg.ln_eps), MLP(cfg)
+
+    def forward(self, x, cache=None, pos=0):
+        x = x + self.attn(self.ln_1(x), causal=True, cache=cache, pos=pos)
+        return x + self.mlp(self.ln_2(x))
+
+
+class Policy(nn.Module):
+    """pi_l(s_l): the probability of exiting at layer l (reference: C -> 32 -> 1, GELU, sigmoid)."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        n_in = cfg.n_embd + (2 if cfg.policy_conf else 0)
+        self.net = nn.Sequential(nn.Linear(n_in, cfg.policy_hidden), nn.GELU(), nn.Linear(cfg.policy_hidden, 1))
+
+    def forward(self, x):  # x (B, n_in) -> (B,)
+        return torch.sigmoid(self.net(x).squeeze(-1))
+
+
+def confidence(logits):
+    """What a confidence rule reads from an exit head: (max probability, entropy), each (...,)."""
+    logp = F.log_softmax(logits.float(), dim=-1)
+    return logp.max(-1).values.exp(), -(logp.exp() * logp).sum(-1)
+
+
+class Backbone(nn.Module):
+    """What both models share: blocks, exit policies, input checks and weight loading."""
+
+    def policy_input(self, state, logits):
+        """The policy's view of one layer: the exit state, plus the head's confidence if configured."""
+        if not self.config.policy_conf:
+            return state
+        return torch.cat([state, torch.stack(confidence(logits), -1).to(state.dtype)], -1)  # (..., C+2)
+
+    def check_ids(self, idx):
+        if idx.numel() and (idx.min() < 0 or idx.max() >= self.config.vocab_size):
+            raise ValueError(f"token ids must lie in [0, {self.config.vocab_size}), "
+                             f"got {idx.min().item()}..{idx.max().item()}")
+        if idx.size(1) > self.config.block_size:
+            raise ValueError(f"sequence of {idx.size(1)} tokens is longer than the position table "
+                             f"({self.config.block_size})")
+
+    @classmethod
+    def from_pretrained(cls, path, **overrides):
+        """Load a local Hugging Face folder (config.json + model.safetensors or pytorch_model.bin)."""
+        hf, keys = read_checkpoint(path)
+        kind = hf.get("model_type")
+        if kind != cls.model_type:
+            other = {"bert": "Encoder", "gpt2": "Decoder"}.get(kind)
+            hint = f"; use {other}.from_pretrained" if other else "; only BERT and GPT-2 are supported"
+            raise ValueError(f"{path} holds a {kind!r} checkpoint, not {cls.model_type!r}{hint}")
+        model = cls(cls.config_from_hf(hf, **overrides))
+        load_weights(model, keys, cls.key_map(model.config), path)
+        return model
+
+
+class Encoder(Backbone):
+    model_type = "bert"
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.config = cfg
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd)
+        self.wtt = nn.Embedding(cfg.type_vocab_size, cfg.n_embd)
+        self.ln_e = nn.LayerNorm(cfg.n_embd, eps=cfg.ln_eps)
+        self.blocks = nn.ModuleList(EncoderBlock(cfg, l) for l in range(cfg.n_layer))
+        self.pooler = nn.Linear(cfg.n_embd, cfg.n_embd) if cfg.pool == "cls" else None
+        self.heads = nn.ModuleList(nn.Linear(cfg.n_embd, cfg.n_labels) for _ in range(cfg.n_layer))
+        self.policies = nn.ModuleList(Policy(cfg) for _ in range(cfg.n_layer - 1))  # the last layer always exits
+        self.apply(init_weights)
+
+    def embed(self, input_ids, token_type_ids=None):
+        T = input_ids.size(1)
+        tt = torch.zeros_like(input_ids) if token_type_ids is None else token_type_ids
+        x = self.wte(input_ids) + self.wpe(torch.arange(T, device=input_ids.device)) + self.wtt(tt)
+        return F.dropout(self.ln_e(x), self.config.dropout, self.training)  # (B, T, C)
+
+    @staticmethod
+    def attn_bias(attention_mask, dtype):
+        """(B, T) of 1 = token, 0 = padding -> additive bias (B, 1, 1, T), as Hugging Face BERT."""
+        if attention_mask is None:
+            return None
+        return (1.0 - attention_mask[:, None, None, :].to(dtype)) * torch.finfo(dtype).min
+
+    def run_layer(self, l, x, bias=None):
+        return self.blocks[l](x, bias)  # (B, T, C)
+
+    def exit_state(self, h, attention_mask=None):
+        """s_l: what exit head l and policy l read from the layer's token states h (B, T, C) -> (B, C)."""
+        if self.pooler is not None:
+            return torch.tanh(self.pooler(h[:, 0]))
+        if attention_mask is None:
+            return h.mean(1)
+        m = attention_mask[:, :, None].to(h.dtype)  # (B, T, 1)
+        return (h * m).sum(1) / m.sum(1).clamp(min=1)
+
+    def exit_logits(self, l, state):
+        return self.heads[l](F.dropout(state, self.config.dropout, self.training))  # (B, n_labels)
+
+    def layer_states(self, input_ids, attention_mask=None, token_type_ids=None):
+        """[embedding output, layer 1 output, ..., layer L output], each (B, T, C)."""
+        self.check_ids(input_ids)
+        x = self.embed(input_ids, token_type_ids)
+        bias = self.attn_bias(attention_mask, x.dtype)
+        states = [x]
+        for l in range(self.config.n_layer):
+            states.append(self.run_layer(l, states[-1], bias))
+        return states
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None):
+        """Every exit's logits (B, L, n_labels) and exit states (B, L, C): one pass, all layers."""
+        states = self.layer_states(input_ids, attention_mask, token_type_ids)[1:]
+        s = torch.stack([self.exit_state(h, attention_mask) for h in states], 1)  # (B, L, C)
+        logits = torch.stack([self.exit_logits(l, s[:, l]) for l in range(self.config.n_layer)], 1)
+        return logits, s
+
+    @staticmethod
+    def config_from_hf(hf, **overrides):
+        if hf.get("position_embedding_type", "absolute") != "absolute":
+            raise ValueError(f"position_embedding_type {hf['position_embedding_type']!r} is not supported")
+        return Config(n_layer=hf["num_hidden_layers"], n_head=hf["num_attention_heads"], n_embd=hf["hidden_size"],
+                      n_inner=hf["intermediate_size"], vocab_size=hf["vocab_size"],
+                      block_size=hf["max_position_embeddings"], type_vocab_size=hf.get("type_vocab_size", 2),
+                      act=hf.get("hidden_act", "gelu"), ln_eps=hf.get("layer_norm_eps", 1e-12),
+                      dropout=hf.get("hidden_dropout_prob", 0.1), causal=hf.get("is_decoder", False),
+                      **overrides)
+
+    @staticmethod
+    def key_map(cfg):
+        """Our parameter name -> (Hugging Face names, concatenated along dim 0; transpose?)."""
+        m = {"wte.weight": ["embeddings.word_embeddings.weight"],
+             "wpe.weight": ["embeddings.position_embeddings.weight"],
+             "wtt.weight": ["embeddings.token_type_embeddings.weight"],
+             "ln_e.weight": ["embeddings.LayerNorm.weight"], "ln_e.bias": ["embeddings.LayerNorm.bias"]}
+        for l in range(cfg.n_layer):
+            b, h = f"blocks.{l}.", f"encoder.layer.{l}."
+            for p in ("weight", "bias"):
+                m[b + "attn.qkv." + p] = [h + f"attention.self.{n}.{p}" for n in ("query", "key", "value")]
+                m[b + "attn.proj." + p] = [h + "attention.output.dense." + p]
+                m[b + "ln_1." + p] = [h + "attention.output.LayerNorm." + p]
+                m[b + "mlp.fc." + p] = [h + "intermediate.dense." + p]
+                m[b + "mlp.proj." + p] = [h + "output.dense." + p]
+                m[b + "ln_2." + p] = [h + "output.LayerNorm." + p]
+        if cfg.pool == "cls":
+            m["pooler.weight"], m["pooler.bias"] = ["pooler.dense.weight"], ["pooler.dense.bias"]
+        return {k: (v, False) for k, v in m.items()}
+
+
+class Decoder(Backbone):
+    model_type = "gpt2"
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.config = cfg
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd)
+        self.blocks = nn.ModuleList(DecoderBlock(cfg, l) for l in range(cfg.n_layer))
+        self.ln_f = nn.LayerNorm(cfg.n_embd, eps=cfg.ln_eps)
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        self.policies = nn.ModuleList(Policy(cfg) for _ in range(cfg.n_layer - 1))
+        self.apply(init_weights)
+        if cfg.tie_lm_head:
+            self.lm_head.weight = self.wte.weight
+
+    def embed(self, idx, pos=0):
+        x = self.wte(idx) + self.wpe(torch.arange(pos, pos + idx.size(1), device=idx.device))
+        return F.dropout(x, self.config.dropout, self.training)  # (B, T, C)
+
+    def run_layer(self, l, x, cache=None, pos=0):
+        """Layer l on x (B, T, C) at positions pos..pos+T-1; with a cache it also fills layer l's K/V there."""
+        return self.blocks[l](x, None if cache is None else cache[l], pos)
+
+    def exit_logits(self, x):
+        """The exit head of any layer: final LayerNorm + LM head. (..., C) -> (..., vocab)."""
+        return self.lm_head(self.ln_f(x))
+
+    def new_cache(self, batch_size, max_len=None, device=None, dtype=None):
+        """Preallocated keys and values: cache[l] = (k, v), each (B, H, T_max, D)."""
+        c = self.config
+        shape = (batch_size, c.n_head, max_len or c.block_size, c.n_embd // c.n_head)
+        device, dtype = device or self.wte.weight.device, dtype or self.wte.weight.dtype
+        return [(torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype))
+                for _ in range(c.n_layer)]
+
+    def layer_states(self, idx):
+        """[embedding output, layer 1 output, ..., layer L output], each (B, T, C)."""
+        self.check_ids(idx)
+        states = [self.embed(idx)]
+        for l in range(self.config.n_layer):
+            states.append(self.run_layer(l, states[-1]))
+        return states
+
+    def forward(self, idx, targets=None):
+        """Full-depth logits (B, T, vocab); loss = cross-entropy against targets, None without them."""
+        logits = self.exit_logits(self.layer_states(idx)[-1])
+        loss = None if targets is None else F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-1)
+        return logits, loss
+
+    @staticmethod
+    def config_from_hf(hf, **overrides):
+        C = hf["n_embd"]
+        return Config(n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=C, n_inner=hf.get("n_inner") or 4 * C,
+                      vocab_size=hf["vocab_size"], block_size=hf["n_positions"],
+                      act=hf.get("activation_function", "gelu_new"), ln_eps=hf.get("layer_norm_epsilon", 1e-5),
+                      dropout=hf.get("resid_pdrop", 0.1), attn_scale=hf.get("scale_attn_weights", True),
+                      attn_scale_by_layer=hf.get("scale_attn_by_inverse_layer_idx", False),
+                      tie_lm_head=hf.get("tie_word_embeddings", True), **overrides)
+
+    @staticmethod
+    def key_map(cfg):
+        """GPT-2 stores its linear layers as Conv1D, (in, out): those are transposed."""
+        m = {"wte.weight": (["wte.weight"], False), "wpe.weight": (["wpe.weight"], False),
+             "ln_f.weight": (["ln_f.weight"], False), "ln_f.bias": (["ln_f.bias"], False)}
+        for l in range(cfg.n_layer):
+            b, h = f"blocks.{l}.", f"h.{l}."
+            for ours, theirs in (("ln_1", "ln_1"), ("attn.qkv", "attn.c_attn"), ("attn.proj", "attn.c_proj"),
+                                 ("ln_2", "ln_2"), ("mlp.fc", "mlp.c_fc"), ("mlp.proj", "mlp.c_proj")):
+                m[b + ours + ".weight"] = ([h + theirs + ".weight"], not ours.startswith("ln"))
+                m[b + ours + ".bias"] = ([h + theirs + ".bias"], False)
+        if not cfg.tie_lm_head:
+            m["lm_head.weight"] = (["lm_head.weight"], False)
+        return m
+
+
+def init_weights(module):
+    if isinstance(module, (nn.Linear, nn.Embedding)):
+        nn.init.normal_(module.weight, mean=0.0, std=0.02)
+    if isinstance(module, nn.Linear) and module.bias is not None:
+        nn.init.zeros_(module.bias)
+
+
+# Keys a Hugging Face checkpoint may hold that are not part of the backbone: task heads and buffers.
+IGNORED = ("cls.", "classifier.", "qa_outputs.", "embeddings.position_ids", "embeddings.token_type_ids")
+
+
+def read_checkpoint(path):
+    """config.json as a dict, and the weights with the 'bert.' / 'transformer.' prefix and old names undone."""
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise FileNotFoundError(f"{path} is not a Hugging Face model folder: no config.json")
+    with open(os.path.join(path, "config.json")) as f:
+        hf = json.load(f)
+    st, bin_ = os.path.join(path, "model.safetensors"), os.path.join(path, "pytorch_model.bin")
+    if os.path.isfile(st):
+        from safetensors.torch import load_file
+        sd = load_file(st)
+    elif os.path.isfile(bin_):
+        sd = torch.load(bin_, map_location="cpu", weights_only=True)
+    else:
+        raise FileNotFoundError(f"{path} has no model.safetensors or pytorch_model.bin")
+    keys = {}
+    for k, v in sd.items():
+        for prefix in ("bert.", "transformer."):
+            k = k.removeprefix(prefix)
+        k = k.replace("LayerNorm.gamma", "LayerNorm.weight").replace("LayerNorm.beta", "LayerNorm.bias")
+        keys[k] = v
+    return hf, keys
+
+
+def load_weights(model, keys, key_map, path):
+    """Copy checkpoint tensors into model by key_map; name any missing, unexpected or mis-shaped key."""
+    params = model.state_dict()
+    used = set()
+    for ours, (theirs, transpose) in key_map.items():
+        target = params[ours]
+        part = (target.size(0) // len(theirs), *target.shape[1:])  # each checkpoint tensor fills a slice of rows
+        want = part[::-1] if transpose else part
+        pieces = []
+        for k in theirs:
+            if k not in keys:
+                raise KeyError(f"{path}: checkpoint is missing {k!r} (for {ours})")
+            if tuple(keys[k].shape) != tuple(want):
+                raise ValueError(f"{path}: {k!r} has shape {tuple(keys[k].shape)}, expected {tuple(want)}")
+            pieces.append(keys[k].t() if transpose else keys[k])
+            used.add(k)
+        with torch.no_grad():
+            target.copy_(torch.cat(pieces, 0))
+    tied = {"lm_head.weight", "attn.bias", "attn.masked_bias", "pooler.dense.weight", "pooler.dense.bias"}
+    unexpected = [k for k in keys if k not in used and not k.startswith(IGNORED) and not any(
+        k.endswith(t) for t in tied)]
+    if unexpected:
+        raise ValueError(f"{path}: unexpected key {unexpected[0]!r} ({len(unexpected)} in all) for "
+                         f"{type(model).__name__}")
+    fresh = sorted({k.split(".")[0] for k in params if k not in key_map and k != "lm_head.weight"})
+    print(f"loaded {len(key_map)} tensors from {path}; freshly initialised: {', '.join(fresh) or 'nothing'}")

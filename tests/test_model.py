@@ -1,0 +1,197 @@
+"""Backbones: parity with Hugging Face transformers, layer stepping, the KV cache, bad input."""
+import json
+
+import pytest
+import torch
+
+from model import Config, Decoder, Encoder
+
+transformers = pytest.importorskip("transformers")
+TOL = 1e-4
+
+
+def save_bert(tmp_path, **kw):
+    cfg = dict(vocab_size=99, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=37,
+               max_position_embeddings=40, type_vocab_size=3)
+    torch.manual_seed(0)
+    hf = transformers.BertModel(transformers.BertConfig(**{**cfg, **kw})).eval()
+    hf.save_pretrained(tmp_path)
+    return hf
+
+
+def save_gpt2(tmp_path, **kw):
+    cfg = dict(vocab_size=101, n_embd=32, n_layer=3, n_head=4, n_positions=48, bos_token_id=0, eos_token_id=0)
+    torch.manual_seed(0)
+    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(**{**cfg, **kw})).eval()
+    hf.save_pretrained(tmp_path)
+    return hf
+
+
+def bert_inputs(vocab, types, B=3, T=13):
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, vocab, (B, T), generator=g)
+    mask = torch.ones(B, T, dtype=torch.long)
+    mask[1, 9:] = 0  # a padded row
+    return ids, mask, torch.randint(0, types, (B, T), generator=g)
+
+
+def max_diff(xs, ys):
+    return max((x - y).abs().max().item() for x, y in zip(xs, ys))
+
+
+@pytest.mark.parametrize("kw", [{}, {"hidden_act": "gelu_new"}, {"hidden_act": "relu", "layer_norm_eps": 1e-5},
+                                {"num_hidden_layers": 1, "num_attention_heads": 1}, {"is_decoder": True}])
+def test_encoder_matches_hf_bert(tmp_path, kw):
+    hf = save_bert(tmp_path, **kw)
+    ours = Encoder.from_pretrained(tmp_path).eval()
+    ids, mask, types = bert_inputs(hf.config.vocab_size, hf.config.type_vocab_size)
+    with torch.no_grad():
+        want = hf(ids, attention_mask=mask, token_type_ids=types, output_hidden_states=True).hidden_states
+        got = ours.layer_states(ids, mask, types)
+    assert len(got) == len(want) == hf.config.num_hidden_layers + 1
+    assert max_diff(got, want) <= TOL
+
+
+def test_encoder_cls_pool_loads_bert_pooler(tmp_path):
+    hf = save_bert(tmp_path)
+    ours = Encoder.from_pretrained(tmp_path, pool="cls").eval()
+    ids, mask, types = bert_inputs(99, 3)
+    with torch.no_grad():
+        want = hf(ids, attention_mask=mask, token_type_ids=types).pooler_output
+        got = ours.exit_state(ours.layer_states(ids, mask, types)[-1], mask)
+    assert (got - want).abs().max().item() <= TOL
+
+
+def test_minilm_real_weights_match_hf():
+    import data
+    path = data.minilm_path()
+    hf = transformers.BertModel.from_pretrained(path).eval()
+    ours = Encoder.from_pretrained(path).eval()
+    tok = data.WordPiece(f"{path}/vocab.txt")
+    rows = [tok.encode(t) for t in ["a gripping, beautifully acted film.", "dull."]]
+    T = max(map(len, rows))
+    ids = torch.tensor([r + [0] * (T - len(r)) for r in rows])
+    mask = torch.tensor([[1] * len(r) + [0] * (T - len(r)) for r in rows])
+    with torch.no_grad():
+        want = hf(ids, attention_mask=mask, output_hidden_states=True).hidden_states
+        got = ours.layer_states(ids, mask)
+    assert len(got) == 7 and max_diff(got, want) <= TOL
+
+
+@pytest.mark.parametrize("kw", [{}, {"activation_function": "gelu"}, {"scale_attn_by_inverse_layer_idx": True},
+                                {"scale_attn_weights": False}, {"n_inner": 50, "layer_norm_epsilon": 1e-3},
+                                {"tie_word_embeddings": False}])
+def test_decoder_matches_hf_gpt2(tmp_path, kw):
+    hf = save_gpt2(tmp_path, **kw)
+    ours = Decoder.from_pretrained(tmp_path).eval()
+    idx = torch.randint(0, 101, (2, 30), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        logits, loss = ours(idx)
+        assert loss is None
+        assert (logits - hf(idx).logits).abs().max().item() <= TOL
+        _, loss = ours(idx[:, :-1], idx[:, 1:])
+        assert abs(loss.item() - hf(idx, labels=idx).loss.item()) <= TOL
+
+
+def test_layer_stepping_equals_full_forward():
+    torch.manual_seed(0)
+    enc = Encoder(Config(n_layer=3, n_head=2, n_embd=16, n_inner=24, vocab_size=50, block_size=20)).eval()
+    ids, mask, _ = bert_inputs(50, 1, T=10)
+    with torch.no_grad():
+        states = enc.layer_states(ids, mask)
+        x, bias = enc.embed(ids), enc.attn_bias(mask, torch.float32)
+        for l in range(3):
+            x = enc.run_layer(l, x, bias)
+            assert torch.allclose(x, states[l + 1], atol=1e-6)
+        logits, s = enc(ids, mask)
+        assert logits.shape == (3, 3, 2) and s.shape == (3, 3, 16)
+        assert torch.allclose(logits[:, 2], enc.exit_logits(2, enc.exit_state(states[3], mask)), atol=1e-6)
+
+
+def tiny_decoder(**kw):
+    torch.manual_seed(0)
+    return Decoder(Config(n_layer=3, n_head=2, n_embd=16, n_inner=32, vocab_size=60, block_size=24,
+                          act="gelu_new", ln_eps=1e-5, **kw)).eval()
+
+
+def test_kv_cache_one_token_at_a_time_equals_recompute():
+    dec = tiny_decoder()
+    idx = torch.randint(0, 60, (2, 12), generator=torch.Generator().manual_seed(3))
+    cache = dec.new_cache(2)
+    with torch.no_grad():
+        full = dec.layer_states(idx)
+        for t in range(12):
+            x = dec.embed(idx[:, t:t + 1], pos=t)
+            for l in range(3):
+                x = dec.run_layer(l, x, cache, pos=t)
+                assert torch.allclose(x[:, 0], full[l + 1][:, t], atol=1e-5)
+
+
+def test_kv_cache_fills_skipped_positions_in_one_later_pass():
+    """A token that skipped layers 2..L gets its K/V there later, batched with the next token (deferred fill)."""
+    dec = tiny_decoder()
+    idx = torch.randint(0, 60, (1, 8), generator=torch.Generator().manual_seed(4))
+    cache = dec.new_cache(1)
+    with torch.no_grad():
+        full = dec.layer_states(idx)
+        x = dec.embed(idx[:, :6])  # prompt: all layers
+        for l in range(3):
+            x = dec.run_layer(l, x, cache)
+        h6 = dec.run_layer(0, dec.embed(idx[:, 6:7], pos=6), cache, pos=6)  # token 6 exits after layer 1
+        x = dec.run_layer(0, dec.embed(idx[:, 7:8], pos=7), cache, pos=7)
+        x = torch.cat([full[1][:, 6:7], x], 1)  # token 6's true layer-1 state, then token 7
+        assert torch.allclose(h6, full[1][:, 6:7], atol=1e-5)
+        for l in (1, 2):
+            x = dec.run_layer(l, x, cache, pos=6)  # positions 6 and 7 together
+        assert torch.allclose(x, full[3][:, 6:8], atol=1e-5)
+
+
+def test_untrained_parts_are_reported(tmp_path, capsys):
+    save_bert(tmp_path)
+    Encoder.from_pretrained(tmp_path)
+    assert "freshly initialised: heads, policies" in capsys.readouterr().out
+
+
+def test_bad_folders(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        Encoder.from_pretrained(tmp_path)
+    save_gpt2(tmp_path)
+    with pytest.raises(ValueError, match="use Decoder.from_pretrained"):
+        Encoder.from_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "t5"}))
+    with pytest.raises(ValueError, match="only BERT and GPT-2"):
+        Decoder.from_pretrained(tmp_path)
+
+
+def edit_weights(path, edit):
+    from safetensors.torch import load_file, save_file
+    sd = load_file(path / "model.safetensors")
+    edit(sd)
+    save_file(sd, path / "model.safetensors")
+
+
+@pytest.mark.parametrize("edit,error,match", [
+    (lambda sd: sd.pop("transformer.h.1.mlp.c_fc.weight"), KeyError, "missing 'h.1.mlp.c_fc.weight'"),
+    (lambda sd: sd.update({"transformer.h.0.attn.extra": torch.zeros(2)}), ValueError, "unexpected key 'h.0.attn.extra'"),
+    (lambda sd: sd.update({"transformer.wpe.weight": torch.zeros(47, 32)}), ValueError,
+     r"'wpe.weight' has shape \(47, 32\), expected \(48, 32\)"),
+])
+def test_bad_weights(tmp_path, edit, error, match):
+    save_gpt2(tmp_path)
+    edit_weights(tmp_path, edit)
+    with pytest.raises(error, match=match):
+        Decoder.from_pretrained(tmp_path)
+
+
+def test_bad_inputs():
+    dec, enc = tiny_decoder(), Encoder(Config(n_layer=2, n_head=2, n_embd=16, vocab_size=50, block_size=8))
+    with pytest.raises(ValueError, match=r"token ids must lie in \[0, 60\)"):
+        dec(torch.tensor([[1, 60]]))
+    with pytest.raises(ValueError, match="token ids"):
+        enc.layer_states(torch.tensor([[-1, 2]]))
+    with pytest.raises(ValueError, match="longer than the position table"):
+        enc.layer_states(torch.zeros(1, 9, dtype=torch.long))
+    with pytest.raises(ValueError, match="not a multiple"):
+        Config(n_embd=10, n_head=3)
+    with pytest.raises(ValueError, match="activation"):
+        Config(act="mish")
