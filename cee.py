@@ -1,0 +1,144 @@
+"""
+ConsistentEE (Zeng et al., AAAI 2024, arXiv 2312.11882): the parts of the method that are not RL.
+
+- weighted_exit_loss: stage 1 trains every exit head, deeper heads weighted more (PABEE, Zhou et al. 2020).
+- memorized_layer: the per-input hardness that shapes the reward (paper Sec. "Memorized Layer").
+- ExitRule: when to stop at inference; the learned policy, and the classic rules on the same model:
+  a fixed layer, entropy (DeeBERT, Xin et al. 2020), patience (PABEE), max probability.
+- early_exit: batched inference that runs one layer at a time and drops the rows that exited.
+- exit_layers: the same rules applied to every layer's precomputed outputs, for cheap sweeps.
+The policy-gradient maths is in rl.py, the backbones and the policy network in model.py.
+"""
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from model import confidence
+
+
+def weighted_exit_loss(logits, labels):
+    """
+    sum_l l * CE_l / sum_l l over the L exit heads. logits (B, L, n), labels (B,) -> scalar.
+    Example: L = 2 with CE_1 = 0.9 and CE_2 = 0.3 -> (1*0.9 + 2*0.3) / 3 = 0.5
+    """
+    B, L, n = logits.shape
+    ce = F.cross_entropy(logits.flatten(0, 1), labels.repeat_interleave(L), reduction="none").view(B, L)
+    w = torch.arange(1, L + 1, device=logits.device, dtype=ce.dtype)  # (L,) weights 1..L
+    return (ce.mean(0) * w).sum() / w.sum()
+
+
+def memorized_layer(preds, labels):
+    """
+    The smallest l such that the heads l, l+1, ..., L all predict the label; L when the last head is wrong.
+    preds (B, L) long, labels (B,) -> (B,) long in 1..L.
+    Example: labels [1, 1, 1], preds [[1, 1, 1], [0, 1, 1], [1, 0, 1]] -> [1, 2, 3]; preds [[1, 1, 0]] -> [3]
+    """
+    L = preds.size(1)
+    wrong = preds != labels[:, None]  # (B, L)
+    layers = torch.arange(1, L + 1, device=preds.device)  # (L,)
+    last_wrong = (wrong * layers).max(1).values  # (B,) deepest wrong head, 0 if none
+    return (last_wrong + 1).clamp(max=L)
+
+
+@dataclass
+class ExitRule:
+    """
+    Decides, after layer l (0-based here), which rows stop. `name` picks the rule, `param` its knob:
+      consistentee: the policy's exit probability > param (the paper uses 0.5)
+      static:       exit at layer param (1-based)
+      entropy:      entropy of the head's distribution < param (DeeBERT)
+      patience:     the prediction has not changed for param layers in a row (PABEE)
+      maxprob:      the head's top probability > param
+    decide() sees one layer's head logits (B, n), the policy's probabilities (B,) when needs_policy,
+    and a per-row memory (B, ...) it returns updated; callers keep the memory's rows with the inputs'.
+    """
+    name: str
+    param: float
+
+    NAMES = ("consistentee", "static", "entropy", "patience", "maxprob")
+
+    def __post_init__(self):
+        if self.name not in self.NAMES:
+            raise ValueError(f"unknown exit rule {self.name!r}; known: {', '.join(self.NAMES)}")
+
+    @property
+    def needs_policy(self):
+        return self.name == "consistentee"
+
+    def decide(self, l, logits, p, memory):
+        if self.name == "consistentee":
+            return p > self.param, memory
+        if self.name == "static":
+            return torch.full(logits.shape[:1], l + 1 >= self.param, device=logits.device), memory
+        if self.name == "patience":  # memory (B, 2): previous prediction, how many layers it has held
+            pred = logits.argmax(-1)
+            count = torch.zeros_like(pred) if memory is None else (memory[:, 1] + 1) * (pred == memory[:, 0])
+            return count >= self.param, torch.stack([pred, count], 1)
+        top, entropy = confidence(logits)  # a confidence rule needs the whole head output at every layer
+        return (entropy < self.param if self.name == "entropy" else top > self.param), memory
+
+
+def exit_layers(rule, logits, p=None):
+    """
+    Where each input would exit under `rule`, from every layer's outputs computed in one full pass.
+    logits (B, L, n), p (B, L) policy probabilities -> exits (B,) long in 1..L. The same decide() as
+    early_exit, so the two agree exactly; a sweep over thresholds then costs no extra forward passes.
+    """
+    B, L, _ = logits.shape
+    exits = torch.full((B,), L, dtype=torch.long, device=logits.device)
+    running, memory = torch.ones(B, dtype=torch.bool, device=logits.device), None
+    for l in range(L - 1):
+        stop, memory = rule.decide(l, logits[:, l], None if p is None else p[:, l], memory)
+        exits[running & stop] = l + 1
+        running &= ~stop
+    return exits
+
+
+@torch.no_grad()
+def early_exit(model, input_ids, attention_mask, rule):
+    """
+    Batched early-exit inference with an Encoder: run layer after layer, and after each one remove the
+    rows that exit (compaction), so deeper layers only compute the inputs still running.
+    Returns preds (B,) and exit layers (B,) 1..L in the original row order.
+    """
+    L = model.config.n_layer
+    x = model.embed(input_ids)
+    bias, mask = model.attn_bias(attention_mask, x.dtype), attention_mask
+    rows = torch.arange(input_ids.size(0), device=x.device)  # original index of each running row
+    preds, exits = torch.empty_like(rows), torch.empty_like(rows)
+    memory = None
+    for l in range(L):
+        x = model.run_layer(l, x, bias)  # (b, T, C), b = rows still running
+        s = model.exit_state(x, mask)  # (b, C)
+        logits = model.exit_logits(l, s)  # (b, n)
+        if l == L - 1:
+            stop = torch.ones_like(rows, dtype=torch.bool)
+        else:
+            # The policy reads a C-dim state through a C x 32 MLP: far cheaper than a layer.
+            p = model.policies[l](model.policy_input(s, logits)) if rule.needs_policy else None
+            stop, memory = rule.decide(l, logits, p, memory)
+        preds[rows[stop]], exits[rows[stop]] = logits[stop].argmax(-1), l + 1
+        go = ~stop
+        if not go.any():  # the one host synchronisation per layer: is anyone left?
+            break
+        x, rows = x[go], rows[go]
+        bias, mask = (None, None) if mask is None else (bias[go], mask[go])
+        memory = None if memory is None else memory[go]
+    return preds, exits
+
+
+def sweep(name, params, logits, labels, p=None):
+    """
+    Accuracy and mean exit layer of one rule at each of its params, from precomputed layer outputs.
+    logits (B, L, n), labels (B,), p (B, L) -> [{"name", "param", "accuracy", "avg_layers", "speedup"}]
+    """
+    B, L, _ = logits.shape
+    points = []
+    for v in params:
+        exits = exit_layers(ExitRule(name, v), logits, p)  # (B,)
+        preds = logits[torch.arange(B), exits - 1].argmax(-1)  # (B,) the prediction of each input's exit head
+        avg = exits.float().mean().item()
+        points.append({"name": name, "param": v, "accuracy": (preds == labels).float().mean().item(),
+                       "avg_layers": avg, "speedup": L / avg})
+    return points

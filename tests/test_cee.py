@@ -1,0 +1,97 @@
+"""The method's non-RL pieces: weighted loss, memorized layer, exit rules, batched early exit."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import cee
+from model import Config, Encoder
+
+
+def test_weighted_exit_loss_hand_case():
+    # head 1: p(label) = 0.5 -> CE log 2; head 2: p(label) = e/(e+1) -> CE log(1 + 1/e)
+    logits = torch.tensor([[[0.0, 0.0], [0.0, 1.0]]])  # (B=1, L=2, n=2)
+    want = (1 * math.log(2) + 2 * math.log(1 + math.exp(-1))) / 3
+    assert cee.weighted_exit_loss(logits, torch.tensor([1])).item() == pytest.approx(want, rel=1e-6)
+
+
+@pytest.mark.parametrize("preds,want", [
+    ([[1, 1, 1]], [1]), ([[0, 1, 1]], [2]), ([[1, 0, 1]], [3]), ([[1, 1, 0]], [3]), ([[0, 0, 0]], [3]),
+    ([[1, 1, 1], [0, 1, 1], [1, 0, 1]], [1, 2, 3]),
+])
+def test_memorized_layer(preds, want):
+    preds = torch.tensor(preds)
+    assert cee.memorized_layer(preds, torch.ones(len(preds), dtype=torch.long)).tolist() == want
+
+
+def layer_logits(probs):
+    """(B, L) probability of class 1 at each layer -> binary logits (B, L, 2)."""
+    p = torch.tensor(probs)
+    return torch.stack([torch.zeros_like(p), torch.log(p / (1 - p))], -1)
+
+
+@pytest.mark.parametrize("rule,want", [
+    (("static", 2), [2, 2, 2]),
+    (("maxprob", 0.85), [1, 4, 2]),        # top probs [.9 ..], [.6 .6 .7 .55] (never), [.8 .9 ..]
+    (("entropy", 0.4), [1, 4, 2]),         # entropy < 0.4 needs top prob > ~0.88
+    (("patience", 1), [2, 3, 2]),          # same prediction two layers in a row
+    (("patience", 2), [3, 4, 3]),
+])
+def test_exit_rules_hand_cases(rule, want):
+    logits = layer_logits([[0.9, 0.9, 0.9, 0.9], [0.6, 0.4, 0.3, 0.45], [0.8, 0.9, 0.95, 0.95]])
+    assert cee.exit_layers(cee.ExitRule(*rule), logits).tolist() == want
+
+
+def test_policy_rule_and_last_layer():
+    logits = layer_logits([[0.6, 0.6, 0.6]] * 3)
+    p = torch.tensor([[0.7, 0.9, 0.0], [0.2, 0.6, 0.0], [0.1, 0.1, 0.0]])  # the last column is never read
+    assert cee.exit_layers(cee.ExitRule("consistentee", 0.5), logits, p).tolist() == [1, 2, 3]
+
+
+def test_unknown_rule():
+    with pytest.raises(ValueError, match="unknown exit rule 'deebert'"):
+        cee.ExitRule("deebert", 0.1)
+
+
+def test_sweep_reports_accuracy_and_speedup():
+    logits = layer_logits([[0.9, 0.9], [0.4, 0.8]])  # input 2: wrong at layer 1, right at layer 2
+    pts = cee.sweep("static", [1, 2], logits, torch.tensor([1, 1]))
+    assert [(p["accuracy"], p["avg_layers"], p["speedup"]) for p in pts] == [(0.5, 1.0, 2.0), (1.0, 2.0, 1.0)]
+
+
+@pytest.fixture(scope="module")
+def encoder():
+    torch.manual_seed(0)
+    model = Encoder(Config(n_layer=4, n_head=2, n_embd=16, n_inner=32, vocab_size=40, block_size=16, n_labels=3))
+    with torch.no_grad():  # confident heads, so that the confidence rules spread their exits
+        for h in model.heads:
+            h.weight.mul_(40)
+    return model.eval()
+
+
+@pytest.mark.parametrize("name,param", [("consistentee", 0.5), ("static", 2), ("entropy", 0.5), ("patience", 1),
+                                        ("maxprob", 0.8)])
+def test_batched_early_exit_equals_each_input_alone(encoder, name, param):
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 40, (12, 10), generator=g)
+    mask = torch.ones_like(ids)
+    mask[::3, 6:] = 0  # some padded rows
+    with torch.no_grad():  # every layer's outputs from one full pass
+        logits, s = encoder(ids, mask)
+        p = torch.stack([encoder.policies[l](encoder.policy_input(s[:, l], logits[:, l])) for l in range(3)]
+                        + [torch.ones(12)], 1)
+    if name == "consistentee":  # a threshold halfway between two inputs' layer-1 probabilities
+        v = p[:, 0].sort().values
+        param = (v[5] + v[6]).item() / 2
+    rule = cee.ExitRule(name, param)
+    preds, exits = cee.early_exit(encoder, ids, mask, rule)
+    alone = [cee.early_exit(encoder, ids[i:i + 1, :int(mask[i].sum())], mask[i:i + 1, :int(mask[i].sum())], rule)
+             for i in range(12)]
+    assert preds.tolist() == [q.item() for q, _ in alone]
+    assert exits.tolist() == [e.item() for _, e in alone]
+    # and the same as the rule applied to the full pass
+    want = cee.exit_layers(rule, logits, p)
+    assert exits.tolist() == want.tolist()
+    assert preds.tolist() == logits[torch.arange(12), want - 1].argmax(-1).tolist()
+    assert len(set(exits.tolist())) > 1 or name == "static", exits  # the test exercises compaction
