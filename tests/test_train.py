@@ -1,0 +1,103 @@
+"""train.py: the shared stage loss learns a hardness-aware policy; options; a smoke run end to end."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import cee
+import rl
+import train
+from model import Config, Encoder
+
+
+@pytest.mark.parametrize("estimator", ["reinforce", "exact"])
+def test_policy_exits_easy_inputs_earlier_than_hard(estimator):
+    """Synthetic task of known hardness: easy inputs are decided by every head, hard ones only by the last."""
+    torch.manual_seed(0)
+    N, L, C = 256, 4, 8
+    model = Encoder(Config(n_layer=L, n_head=2, n_embd=C, n_inner=16, vocab_size=10, block_size=8, n_labels=2))
+    labels = torch.randint(0, 2, (N,))
+    easy = torch.arange(N) % 2 == 0
+    s = torch.randn(N, L, C) * 0.1
+    s[:, :, 0] = easy.float()[:, None] * 2 - 1  # the state tells easy (+1) from hard (-1)
+    right = torch.where(easy[:, None], torch.ones(N, L, dtype=torch.bool), torch.arange(L) == L - 1)  # (N, L)
+    guess = torch.where(right, labels[:, None], 1 - labels[:, None])  # each head's prediction
+    logits = torch.nn.functional.one_hot(guess, 2).float() * 3  # (N, L, 2) equally confident, right or wrong
+    memorized = cee.memorized_layer(guess, labels)
+    assert memorized[easy].eq(1).all() and memorized[~easy].eq(L).all()
+    cfg = train.TrainConfig(alpha=0.5, estimator=estimator)
+    opt = torch.optim.Adam(model.policies.parameters(), lr=1e-2)
+    for step in range(150):
+        i = torch.randint(0, N, (32,))
+        loss, _ = train.stage_loss(model, 2, s[i], logits[i], labels[i], memorized[i], cfg)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        exits = cee.exit_layers(cee.ExitRule("consistentee", 0.5), logits, train.policy_probs(model, s, logits))
+    assert exits[easy].float().mean() < 1.2 and exits[~easy].float().mean() > L - 0.2
+    assert (cee.sweep("consistentee", [0.5], logits, labels, train.policy_probs(model, s, logits))[0]["accuracy"]
+            > 0.95)
+
+
+def test_stage3_loss_is_taken_at_the_sampled_exits():
+    torch.manual_seed(0)
+    model = Encoder(Config(n_layer=3, n_head=2, n_embd=8, n_inner=16, vocab_size=10, block_size=8))
+    s, logits = torch.randn(4, 3, 8), torch.randn(4, 3, 2, requires_grad=True)
+    labels, memorized = torch.tensor([0, 1, 0, 1]), torch.tensor([1, 2, 3, 3])
+    with torch.no_grad():
+        for pol in model.policies:  # exit at layer 1 always
+            pol.net[-1].bias.fill_(30.0)
+    loss, logs = train.stage_loss(model, 3, s, logits, labels, memorized, train.TrainConfig(K=4))
+    loss.backward()
+    assert logs["exit/mean"] == pytest.approx(1.0)
+    assert logits.grad[:, 1:].abs().sum() == 0 and logits.grad[:, 0].abs().sum() > 0  # CE only where they exit
+    ce1 = torch.nn.functional.cross_entropy(logits[:, 0], labels)
+    assert logs["loss/cls"] == pytest.approx(ce1.item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("argv,msg", [
+    (["--nope=1"], "unknown option '--nope=1'"), (["--alpha=abc"], "--alpha expects float, got 'abc'"),
+    (["--alpha=-1"], "--alpha must be >= 0"), (["--K=0"], "--K must be >= 1"),
+    (["--estimator=ppo"], "--estimator must be"), (["--policy_conf=maybe"], "--policy_conf expects bool"),
+    (["alpha=1"], "unknown option"),
+])
+def test_bad_options_stop_with_one_line(argv, msg):
+    with pytest.raises(SystemExit, match=msg):
+        train.parse_args(argv)
+
+
+def test_options_are_typed():
+    cfg = train.parse_args(["--alpha=0.05", "--K=4", "--policy_conf=false", "--task=x.csv"])
+    assert (cfg.alpha, cfg.K, cfg.policy_conf, cfg.task) == (0.05, 4, False, "x.csv")
+
+
+def run(args, cwd):
+    return subprocess.run([sys.executable, train.__file__, *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=600)
+
+
+def test_smoke_run_writes_report_and_reruns_a_stage(tmp_path):
+    """Two optimiser steps per stage on Rotten Tomatoes with MiniLM; the evaluation still runs in full."""
+    out = tmp_path / "out"
+    r = run(["--max_steps=2", "--epochs2=1", f"--out_dir={out}"], tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    report = json.loads((out / "report.json").read_text())
+    assert report["full"]["layers"] == 6 and 0 <= report["full"]["accuracy"] <= 1
+    names = {m["name"] for m in report["methods"]}
+    assert names == {"consistentee", "static", "entropy", "patience", "maxprob"}
+    for m in report["methods"]:
+        assert m["speedup"] == pytest.approx(6 / m["avg_layers"]) and 1 <= m["avg_layers"] <= 6
+    static = {m["param"]: m for m in report["methods"] if m["name"] == "static"}
+    assert static[6]["accuracy"] == pytest.approx(report["full"]["accuracy"])
+    assert (out / "tradeoff.png").stat().st_size > 0
+    assert "rank correlation" in r.stdout and "consistentee" in r.stdout
+    r = run(["--max_steps=1", "--stage=3", f"--out_dir={out}"], tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+
+
+def test_missing_checkpoint_is_one_line(tmp_path):
+    r = run(["--stage=2", f"--out_dir={tmp_path}"], tmp_path)
+    assert r.returncode == 1 and "needs" in r.stderr and "Traceback" not in r.stderr

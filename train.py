@@ -1,0 +1,357 @@
+"""
+Train ConsistentEE on a classification task, in the three stages of the paper (Zeng et al. 2024, Sec. 3):
+  1. backbone + every exit head, weighted loss; then each training input's memorized layer
+  2. the exit policies alone, backbone frozen (its per-layer states computed once and reused)
+  3. everything: the classification loss only at each input's sampled exit, plus the policy loss
+then evaluate ConsistentEE against the classic exit rules on the test split.
+
+    python train.py                          # Rotten Tomatoes, all-MiniLM-L6-v2, ~10 minutes on 2 cores
+    python train.py --alpha=0.05 --stage=2   # rerun stage 2 (and 3) from out/stage1.pt
+    python train.py --help                   # every option
+"""
+import inspect
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import cee
+import data
+import rl
+from model import Config, Encoder
+
+
+@dataclass
+class TrainConfig:
+    task: str = "rotten_tomatoes"  # rotten_tomatoes, imdb, or a .csv/.json/.jsonl file with text, label
+    init: str = "minilm"         # "minilm" (all-MiniLM-L6-v2) or a local Hugging Face BERT folder
+    out_dir: str = "out"         # checkpoints stage{1,2,3}.pt, report.json, tradeoff.png
+    seed: int = 1337
+    stage: int = 1               # first stage to run; 2 or 3 start from the previous stage's checkpoint
+    max_steps: int = 0           # cap on each stage's optimiser steps, 0 = none (for smoke runs)
+    device: str = "auto"         # auto = cuda, then mps, then cpu
+    max_len: int = 128           # tokens per input, [CLS] and [SEP] included
+    batch_size: int = 32
+    pool: str = "mean"           # exit state: "mean" of the tokens (as MiniLM was trained) or "cls"
+    policy_conf: bool = True     # the policy also reads its exit head's confidence (max prob, entropy)
+    # stage 1: backbone + exit heads
+    epochs1: float = 2
+    lr1: float = 5e-5
+    # stage 2: policies only, on the frozen stage-1 model
+    epochs2: float = 5
+    lr2: float = 3e-4
+    policy_split: str = "train"  # inputs the policy learns on: "train", or "validation" (heads not fit there)
+    # stage 3: all parameters, consistent loss + policy loss
+    epochs3: float = 1
+    lr3: float = 2e-5
+    # the policy gradient
+    alpha: float = 0.1           # weight of the depth penalty in the hardness reward
+    K: int = 8                   # trajectories per input, sampled from one backbone pass
+    estimator: str = "reinforce"  # "reinforce" (sampled, mean-of-K baseline) or "exact" (sum over all exits)
+    threshold: float = 0.5       # exit when the policy's probability exceeds this
+    log_interval: int = 50
+
+
+def parse_args(argv):
+    """--key=value overrides, each checked against the type of TrainConfig's field."""
+    if "--help" in argv or "-h" in argv:
+        print(__doc__.strip() + "\n\n" + inspect.getsource(TrainConfig))
+        sys.exit(0)
+    cfg, types = TrainConfig(), {f.name: f.type for f in fields(TrainConfig)}
+    for arg in argv:
+        key, eq, value = arg.removeprefix("--").partition("=")
+        if not arg.startswith("--") or not eq or key not in types:
+            raise SystemExit(f"train.py: unknown option {arg!r}; options are --key=value, see --help")
+        t = types[key]
+        try:
+            if t is bool:
+                if value.lower() not in ("true", "false", "1", "0"):
+                    raise ValueError
+                setattr(cfg, key, value.lower() in ("true", "1"))
+            else:
+                setattr(cfg, key, t(value))
+        except ValueError:
+            raise SystemExit(f"train.py: --{key} expects {t.__name__}, got {value!r}") from None
+    checks = [(cfg.alpha >= 0, "--alpha must be >= 0"), (cfg.K >= 1, "--K must be >= 1"),
+              (cfg.stage in (1, 2, 3), "--stage must be 1, 2 or 3"), (cfg.max_steps >= 0, "--max_steps must be >= 0"),
+              (cfg.estimator in ("reinforce", "exact"), "--estimator must be reinforce or exact"),
+              (cfg.pool in ("mean", "cls"), "--pool must be mean or cls"), (cfg.batch_size >= 1, "--batch_size >= 1"),
+              (cfg.policy_split in ("train", "validation"), "--policy_split must be train or validation"),
+              (0 <= cfg.threshold <= 1, "--threshold must lie in [0, 1]")]
+    for ok, msg in checks:
+        if not ok:
+            raise SystemExit(f"train.py: {msg}")
+    return cfg
+
+
+def pick_device(name):
+    if name != "auto":
+        return name
+    if torch.cuda.is_available():
+        return "cuda"
+    return "mps" if torch.backends.mps.is_available() else "cpu"
+
+
+# -----------------------------------------------------------------------------
+# the method: one loss function serves all three stages
+
+def policy_probs(model, s, logits):
+    """p (B, L): each layer's exit probability from its policy; the last layer always exits (p_L = 1)."""
+    L = logits.size(1)
+    p = [model.policies[l](model.policy_input(s[:, l], logits[:, l])) for l in range(L - 1)]
+    return torch.stack(p + [s.new_ones(s.size(0))], 1)
+
+
+def stage_loss(model, stage, s, logits, labels, memorized, cfg):
+    """
+    The loss of one batch. s (B, L, C) exit states, logits (B, L, n) every head's output, labels (B,),
+    memorized (B,) the inputs' memorized layers. Returns (loss, {name: value} to log).
+    """
+    B, L, n = logits.shape
+    ce = F.cross_entropy(logits.flatten(0, 1), labels.repeat_interleave(L), reduction="none").view(B, L)
+    if stage == 1:
+        loss = cee.weighted_exit_loss(logits, labels)
+        return loss, {"loss/cls": loss.item()}
+    # The policy learns from the reward only: it reads detached states, so no noisy REINFORCE gradient
+    # reaches the backbone; in stage 3 the backbone learns from the loss at the exits actually taken.
+    p = policy_probs(model, s.detach(), logits.detach())  # (B, L)
+    reward = rl.reward_table(ce.detach(), memorized, cfg.alpha)  # (B, L) reward of exiting at each layer
+    if cfg.estimator == "exact":
+        weights = rl.exit_distribution(p).detach()  # (B, L)
+        policy_loss = rl.expected_reward_loss(p, reward)
+    else:
+        exits, log_prob = rl.sample_exits(p, cfg.K)  # (K, B): K trajectories from this one pass
+        weights = F.one_hot(exits - 1, L).float().mean(0)  # (B, L) share of the K trajectories exiting at l
+        policy_loss = rl.reinforce_loss(log_prob, reward.T.gather(0, exits - 1))
+    logs = {"loss/policy": policy_loss.item(), "exit/mean": (weights * torch.arange(1, L + 1, device=p.device)).sum(1).mean().item()}
+    if stage == 2:
+        return policy_loss, logs
+    cls_loss = (weights * ce).sum(1).mean()  # consistent: CE only where the input exits
+    logs["loss/cls"] = cls_loss.item()
+    return cls_loss + policy_loss, logs
+
+
+@torch.no_grad()
+def all_layers(model, split, cfg):
+    """Every exit's states (N, L, C), logits (N, L, n) and labels (N,) of a split, in eval mode."""
+    was_training = model.training
+    model.eval()
+    out = [(s, logits, b["labels"]) for b in data.batches(split, 64, device=cfg.device)
+           for logits, s in [model(b["input_ids"], b["attention_mask"])]]
+    model.train(was_training)
+    return [torch.cat(parts) for parts in zip(*out)]
+
+
+def run_stage(model, stage, task, memorized, cfg):
+    """One optimiser loop for any stage: what changes is the parameters, the data and stage_loss."""
+    if stage == 2:  # frozen backbone: the states of every input are computed once
+        split = task[cfg.policy_split]
+        s_all, logits_all, labels_all = all_layers(model, split, cfg)
+        mem = memorized if cfg.policy_split == "train" else memorized_of(logits_all, labels_all)
+        params = list(model.policies.parameters())
+    else:
+        split, params = task["train"], list(model.parameters())
+    epochs, lr = {1: (cfg.epochs1, cfg.lr1), 2: (cfg.epochs2, cfg.lr2), 3: (cfg.epochs3, cfg.lr3)}[stage]
+    per_epoch = math.ceil(len(split) / cfg.batch_size)
+    total = math.ceil(epochs * per_epoch)
+    if cfg.max_steps:
+        total = min(total, cfg.max_steps)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01 if stage != 2 else 0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 1 - i / total)  # linear decay to 0
+    model.train()
+    step, t0 = 0, time.time()
+    bar = tqdm(total=total, desc=f"stage {stage}", file=sys.stderr, dynamic_ncols=True)
+    for epoch in range(math.ceil(epochs)):
+        for b in data.batches(split, cfg.batch_size, shuffle=True, seed=cfg.seed + 1000 * stage + epoch,
+                              device=cfg.device):
+            if step == total:
+                break
+            if stage == 2:
+                i = b["index"]
+                loss, logs = stage_loss(model, 2, s_all[i], logits_all[i], labels_all[i], mem[i], cfg)
+            else:
+                logits, s = model(b["input_ids"], b["attention_mask"])
+                mem = None if memorized is None else memorized[b["index"]]  # stage 1 has none yet
+                loss, logs = stage_loss(model, stage, s, logits, b["labels"], mem, cfg)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            sched.step()
+            step += 1
+            bar.update()
+            if step % cfg.log_interval == 0 or step == total:
+                kv = " ".join(f"{k} {v:.4f}" for k, v in logs.items())
+                tqdm.write(f"stage {stage} step {step}/{total} {kv} lr {sched.get_last_lr()[0]:.2e} "
+                           f"s/step {(time.time() - t0) / step:.3f}", file=sys.stderr)
+    bar.close()
+    return time.time() - t0
+
+
+def memorized_of(logits, labels):
+    return cee.memorized_layer(logits.argmax(-1), labels)
+
+
+def save(model, stage, memorized, cfg):
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    path = os.path.join(cfg.out_dir, f"stage{stage}.pt")
+    torch.save({"model": model.state_dict(), "model_config": asdict(model.config), "config": asdict(cfg),
+                "stage": stage, "memorized": memorized}, path + ".tmp")
+    os.replace(path + ".tmp", path)  # atomic: a killed run never leaves a half-written checkpoint
+
+
+def load(stage, cfg):
+    path = os.path.join(cfg.out_dir, f"stage{stage}.pt")
+    if not os.path.isfile(path):
+        raise SystemExit(f"train.py: --stage={stage + 1} needs {path}; run the earlier stages first")
+    try:
+        ckpt = torch.load(path, map_location=cfg.device, weights_only=True)
+        model = Encoder(Config(**ckpt["model_config"])).to(cfg.device)
+        model.load_state_dict(ckpt["model"])
+    except Exception as e:  # corrupt file, or one written by another config
+        raise SystemExit(f"train.py: cannot load {path}: {str(e).splitlines()[0]}") from None
+    return model, ckpt["memorized"].to(cfg.device)
+
+
+# -----------------------------------------------------------------------------
+# evaluation: ConsistentEE against the classic exit rules, on the test split
+
+def grids(L, n_labels):
+    """The knob values swept for each rule (entropy in units of the uniform entropy log n)."""
+    frac = [0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]
+    return {"consistentee": [0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99],
+            "static": list(range(1, L + 1)), "patience": list(range(1, L)),
+            "entropy": [f * math.log(n_labels) for f in frac],
+            "maxprob": [1 - f * (1 - 1 / n_labels) for f in frac]}
+
+
+def rank_correlation(a, b):
+    """Spearman's rho: Pearson correlation of the ranks, ties given their mean rank."""
+    def ranks(x):
+        x = x.double()
+        r = torch.empty_like(x)
+        r[x.argsort()] = torch.arange(len(x), dtype=torch.double)
+        for v in x.unique():  # ties share the mean of their ranks
+            r[x == v] = r[x == v].mean()
+        return r
+    ra, rb = ranks(a), ranks(b)
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    return ((ra * rb).sum() / (ra.norm() * rb.norm()).clamp(min=1e-12)).item()
+
+
+def timed_exits(model, split, rule, cfg):
+    """Wall-clock seconds of early-exit inference over a split, batches of 64."""
+    model.eval()
+    t0 = time.time()
+    for b in data.batches(split, 64, device=cfg.device):
+        cee.early_exit(model, b["input_ids"], b["attention_mask"], rule)
+    return time.time() - t0
+
+
+def evaluate_and_report(test, cfg, seconds):
+    """Baselines on the stage-1 model, ConsistentEE on the final one; report.json, tradeoff.png, a table."""
+    t0 = time.time()
+    m1, _ = load(1, cfg)
+    m2, _ = load(2, cfg)
+    m3, _ = load(3, cfg)
+    s1, lg1, y = all_layers(m1, test, cfg)  # stage 2 trained policies only: its backbone is stage 1's
+    s3, lg3, _ = all_layers(m3, test, cfg)
+    with torch.no_grad():
+        p2, p3 = policy_probs(m2, s1, lg1), policy_probs(m3, s3, lg3)
+    L, n = lg1.shape[1:]
+    g = grids(L, n)
+    methods = cee.sweep("consistentee", g["consistentee"], lg3, y, p3)
+    for name in ("static", "entropy", "patience", "maxprob"):
+        methods += cee.sweep(name, g[name], lg1, y)
+    stage2 = cee.sweep("consistentee", g["consistentee"], lg1, y, p2)
+    memorized = memorized_of(lg1, y)  # hardness of the test inputs, by the stage-1 heads
+    exits = cee.exit_layers(cee.ExitRule("consistentee", cfg.threshold), lg3, p3)
+    buckets = {l: exits[memorized == l].float().mean().item() for l in range(1, L + 1) if (memorized == l).any()}
+    seconds["test_full_depth"] = timed_exits(m3, test, cee.ExitRule("static", L), cfg)
+    seconds["test_consistentee"] = timed_exits(m3, test, cee.ExitRule("consistentee", cfg.threshold), cfg)
+    seconds["eval"] = time.time() - t0
+    report = {"full": {"accuracy": (lg1[:, -1].argmax(-1) == y).float().mean().item(), "layers": L},
+              "methods": methods, "seconds": seconds, "config": asdict(cfg),
+              "final_full_depth_accuracy": (lg3[:, -1].argmax(-1) == y).float().mean().item(),
+              "stage2_policy": stage2,
+              "exit_by_memorized_layer": {"mean_exit": buckets, "count": {l: int((memorized == l).sum())
+                                                                          for l in buckets},
+                                          "threshold": cfg.threshold,
+                                          "rank_correlation": rank_correlation(memorized, exits)}}
+    with open(os.path.join(cfg.out_dir, "report.json"), "w") as f:
+        json.dump(report, f, indent=1)
+    print_table(report)
+    plot(report, os.path.join(cfg.out_dir, "tradeoff.png"))
+    return report
+
+
+def print_table(r):
+    print(f"full depth (stage 1): accuracy {r['full']['accuracy']:.3f} at {r['full']['layers']} layers; "
+          f"after stage 3: {r['final_full_depth_accuracy']:.3f}")
+    print(f"{'method':<14}{'param':>8}{'accuracy':>10}{'layers':>8}{'speedup':>9}")
+    for m in r["methods"] + [{**m, "name": "stage2-policy"} for m in r["stage2_policy"]]:
+        print(f"{m['name']:<14}{m['param']:>8.3g}{m['accuracy']:>10.3f}{m['avg_layers']:>8.2f}{m['speedup']:>8.2f}x")
+    e = r["exit_by_memorized_layer"]
+    print(f"mean exit layer by memorized layer (threshold {e['threshold']}): " +
+          ", ".join(f"m={l}: {v:.2f} (n={e['count'][l]})" for l, v in e["mean_exit"].items()) +
+          f"; rank correlation {e['rank_correlation']:.3f}")
+    print("seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in r["seconds"].items()))
+
+
+def plot(r, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 4))
+    curves = r["methods"] + [{**m, "name": "consistentee (stage 2)"} for m in r["stage2_policy"]]
+    for name in dict.fromkeys(m["name"] for m in curves):
+        pts = sorted((m["speedup"], m["accuracy"]) for m in curves if m["name"] == name)
+        ax.plot(*zip(*pts), marker="o", ms=3, label=name)
+    ax.axhline(r["full"]["accuracy"], color="gray", ls="--", lw=0.8, label="full depth")
+    ax.set_xlabel("layer speed-up (L / mean exit layer)")
+    ax.set_ylabel("test accuracy")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv):
+    cfg = parse_args(argv)
+    cfg.device = pick_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    try:
+        path = data.minilm_path() if cfg.init == "minilm" else cfg.init
+        tok = data.WordPiece(os.path.join(path, "vocab.txt"))
+        task = data.load_task(cfg.task, tok, max_len=cfg.max_len, seed=cfg.seed)
+    except (OSError, ValueError, RuntimeError) as e:
+        raise SystemExit(f"train.py: {e}") from None
+    print(f"task {cfg.task}: " + ", ".join(f"{k} {len(task[k])}" for k in ("train", "validation", "test")))
+    seconds = {}
+    if cfg.stage == 1:
+        try:
+            model = Encoder.from_pretrained(path, n_labels=len(task["label_names"]), pool=cfg.pool,
+                                            policy_conf=cfg.policy_conf).to(cfg.device)
+        except (OSError, ValueError, KeyError) as e:
+            raise SystemExit(f"train.py: {e}") from None
+        seconds["stage1"] = run_stage(model, 1, task, None, cfg)
+        _, logits, labels = all_layers(model, task["train"], cfg)
+        memorized = memorized_of(logits, labels)
+        print("memorized layer of the training inputs: " +
+              " ".join(f"{l}:{(memorized == l).float().mean():.2f}" for l in range(1, model.config.n_layer + 1)))
+        save(model, 1, memorized, cfg)
+    else:
+        model, memorized = load(cfg.stage - 1, cfg)
+    for stage in range(max(cfg.stage, 2), 4):
+        seconds[f"stage{stage}"] = run_stage(model, stage, task, memorized, cfg)
+        save(model, stage, memorized, cfg)
+    evaluate_and_report(task["test"], cfg, seconds)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
