@@ -257,11 +257,19 @@ def load_task(name, tokenizer, max_len=128, seed=1337):
 
 def batches(split, batch_size, shuffle=False, seed=0, pad_id=0, device="cpu"):
     """Yield {"input_ids", "attention_mask": (B, T), "labels", "index": (B,)} padded to the longest row
-    of each batch; index is each row's position in the split. Pass seed=seed+epoch to reshuffle."""
+    of each batch; index is each row's position in the split. Pass seed=seed+epoch to reshuffle.
+    Shuffled batches come from length buckets: shuffle, sort each run of 50 batches by length, cut
+    into batches, shuffle the batches. Rows of a batch then have similar lengths: little padding."""
     n = len(split)
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)) if shuffle else torch.arange(n)
-    for start in range(0, n, batch_size):
-        index = order[start:start + batch_size]
+    cuts = torch.arange(n).split(batch_size)
+    if shuffle:
+        g = torch.Generator().manual_seed(seed)
+        order = torch.randperm(n, generator=g)
+        lengths = torch.tensor([len(ids) for ids in split["input_ids"]])
+        order = torch.cat([run[lengths[run].argsort(stable=True)] for run in order.split(50 * batch_size)])
+        parts = order.split(batch_size)
+        cuts = [parts[i] for i in torch.randperm(len(parts), generator=g)]
+    for index in cuts:
         rows = split[index.tolist()]
         T = max(len(ids) for ids in rows["input_ids"])
         input_ids = torch.full((len(rows["label"]), T), pad_id, dtype=torch.long)  # (B, T)

@@ -148,11 +148,16 @@ def all_layers(model, split, cfg):
     return [torch.cat(parts) for parts in zip(*out)]
 
 
-def run_stage(model, stage, task, memorized, cfg):
-    """One optimiser loop for any stage: what changes is the parameters, the data and stage_loss."""
+def run_stage(model, stage, task, memorized, cfg, train_pass=None):
+    """
+    One optimiser loop for any stage: what changes is the parameters, the data and stage_loss.
+    train_pass: all_layers() of the training split by this model, if already at hand.
+    """
     if stage == 2:  # frozen backbone: the states of every input are computed once
         split = task[cfg.policy_split]
-        s_all, logits_all, labels_all = all_layers(model, split, cfg)
+        if cfg.policy_split != "train" or train_pass is None:
+            train_pass = all_layers(model, split, cfg)
+        s_all, logits_all, labels_all = train_pass
         mem = memorized if cfg.policy_split == "train" else memorized_of(logits_all, labels_all)
         params = list(model.policies.parameters())
     else:
@@ -295,7 +300,12 @@ def print_table(r):
     print(f"full depth (stage 1): accuracy {r['full']['accuracy']:.3f} at {r['full']['layers']} layers; "
           f"after stage 3: {r['final_full_depth_accuracy']:.3f}")
     print(f"{'method':<14}{'param':>8}{'accuracy':>10}{'layers':>8}{'speedup':>9}")
+    seen = set()
     for m in r["methods"] + [{**m, "name": "stage2-policy"} for m in r["stage2_policy"]]:
+        point = (m["name"], round(m["accuracy"], 4), round(m["avg_layers"], 3))
+        if point in seen:  # a knob value that changed nothing: listed in report.json only
+            continue
+        seen.add(point)
         print(f"{m['name']:<14}{m['param']:>8.3g}{m['accuracy']:>10.3f}{m['avg_layers']:>8.2f}{m['speedup']:>8.2f}x")
     e = r["exit_by_memorized_layer"]
     print(f"mean exit layer by memorized layer (threshold {e['threshold']}): " +
@@ -340,15 +350,16 @@ def main(argv):
         except (OSError, ValueError, KeyError) as e:
             raise SystemExit(f"train.py: {e}") from None
         seconds["stage1"] = run_stage(model, 1, task, None, cfg)
-        _, logits, labels = all_layers(model, task["train"], cfg)
-        memorized = memorized_of(logits, labels)
+        train_pass = all_layers(model, task["train"], cfg)
+        memorized = memorized_of(*train_pass[1:])
         print("memorized layer of the training inputs: " +
               " ".join(f"{l}:{(memorized == l).float().mean():.2f}" for l in range(1, model.config.n_layer + 1)))
         save(model, 1, memorized, cfg)
     else:
         model, memorized = load(cfg.stage - 1, cfg)
+        train_pass = None
     for stage in range(max(cfg.stage, 2), 4):
-        seconds[f"stage{stage}"] = run_stage(model, stage, task, memorized, cfg)
+        seconds[f"stage{stage}"] = run_stage(model, stage, task, memorized, cfg, train_pass)
         save(model, stage, memorized, cfg)
     evaluate_and_report(task["test"], cfg, seconds)
 

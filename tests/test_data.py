@@ -245,7 +245,16 @@ def test_batches_shuffle_is_seeded(rt):
         return torch.cat([b["labels"] for b in data.batches(rt["validation"], 64, shuffle=True, seed=seed)])
     assert torch.equal(order(3), order(3)) and not torch.equal(order(3), order(4))
     assert order(3).sum() == sum(rt["validation"]["label"])  # a permutation: every row once
+    shuffled = list(data.batches(rt["validation"], 64, shuffle=True, seed=3))
+    index = torch.cat([b["index"] for b in shuffled])
+    assert torch.equal(index.sort().values, torch.arange(len(rt["validation"])))  # every row once
+    labels = torch.tensor(rt["validation"]["label"])
+    assert all(torch.equal(b["labels"], labels[b["index"]]) for b in shuffled)
+    def padding(bs):
+        return sum((1 - b["attention_mask"]).sum().item() for b in bs)
+    assert padding(shuffled) < 0.5 * padding(data.batches(rt["validation"], 64))  # length buckets
     b = next(data.batches(rt["validation"], 8))
+    assert b["index"].tolist() == list(range(8))
     assert b["input_ids"].shape == b["attention_mask"].shape == (8, b["attention_mask"].sum(1).max())
 
 

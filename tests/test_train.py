@@ -80,9 +80,12 @@ def run(args, cwd):
 
 
 def test_smoke_run_writes_report_and_reruns_a_stage(tmp_path):
-    """Two optimiser steps per stage on Rotten Tomatoes with MiniLM; the evaluation still runs in full."""
+    """MiniLM on a small task file of the user's kind, two optimiser steps per stage, the full evaluation."""
+    words = ["good", "great", "fine", "bad", "awful", "dull"]
+    rows = [f"{words[i % 6]} film number {i},{'pos' if i % 6 < 3 else 'neg'}" for i in range(120)]
+    (tmp_path / "task.csv").write_text("text,label\n" + "\n".join(rows) + "\n")
     out = tmp_path / "out"
-    r = run(["--max_steps=2", "--epochs2=1", f"--out_dir={out}"], tmp_path)
+    r = run(["--task=task.csv", "--max_steps=2", f"--out_dir={out}"], tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
     report = json.loads((out / "report.json").read_text())
     assert report["full"]["layers"] == 6 and 0 <= report["full"]["accuracy"] <= 1
@@ -92,10 +95,13 @@ def test_smoke_run_writes_report_and_reruns_a_stage(tmp_path):
         assert m["speedup"] == pytest.approx(6 / m["avg_layers"]) and 1 <= m["avg_layers"] <= 6
     static = {m["param"]: m for m in report["methods"] if m["name"] == "static"}
     assert static[6]["accuracy"] == pytest.approx(report["full"]["accuracy"])
+    assert static[1]["speedup"] == 6
     assert (out / "tradeoff.png").stat().st_size > 0
     assert "rank correlation" in r.stdout and "consistentee" in r.stdout
-    r = run(["--max_steps=1", "--stage=3", f"--out_dir={out}"], tmp_path)
+    assert "stage 1 step 2/2 loss/cls" in r.stderr
+    r = run(["--task=task.csv", "--max_steps=1", "--stage=3", f"--out_dir={out}"], tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
+    assert "stage 1 step" not in r.stderr and "stage 3 step 1/1" in r.stderr
 
 
 def test_missing_checkpoint_is_one_line(tmp_path):
