@@ -199,15 +199,15 @@ class Encoder(Backbone):
     def embed(self, input_ids, token_type_ids=None):
         T = input_ids.size(1)
         tt = torch.zeros_like(input_ids) if token_type_ids is None else token_type_ids
-        x = self.wte(input_ids) + self.wpe(torch.arange(T, device=input_ids.device)) + self.wtt(tt)
+        x = self.wte(input_ids) + self.wtt(tt) + self.wpe(torch.arange(T, device=input_ids.device))  # HF's order
         return F.dropout(self.ln_e(x), self.config.dropout, self.training)  # (B, T, C)
 
     @staticmethod
     def attn_bias(attention_mask, dtype):
-        """(B, T) of 1 = token, 0 = padding -> additive bias (B, 1, 1, T), as Hugging Face BERT."""
+        """(B, T) of 1 = token, 0 = padding -> (B, 1, 1, T) boolean, True where attention may look."""
         if attention_mask is None:
             return None
-        return (1.0 - attention_mask[:, None, None, :].to(dtype)) * torch.finfo(dtype).min
+        return attention_mask[:, None, None, :].bool()
 
     def run_layer(self, l, x, bias=None):
         return self.blocks[l](x, bias)  # (B, T, C)

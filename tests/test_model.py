@@ -63,18 +63,17 @@ def test_encoder_cls_pool_loads_bert_pooler(tmp_path):
 
 
 def test_minilm_real_weights_match_hf():
+    """all-MiniLM-L6-v2 on 64 padded Rotten Tomatoes test inputs (padding rows amplify any drift)."""
     import data
     path = data.minilm_path()
     hf = transformers.BertModel.from_pretrained(path).eval()
     ours = Encoder.from_pretrained(path).eval()
-    tok = data.WordPiece(f"{path}/vocab.txt")
-    rows = [tok.encode(t) for t in ["a gripping, beautifully acted film.", "dull."]]
-    T = max(map(len, rows))
-    ids = torch.tensor([r + [0] * (T - len(r)) for r in rows])
-    mask = torch.tensor([[1] * len(r) + [0] * (T - len(r)) for r in rows])
+    task = data.load_task("rotten_tomatoes", data.WordPiece(f"{path}/vocab.txt"))
+    b = next(data.batches(task["test"], 64))
+    assert (b["attention_mask"] == 0).any()
     with torch.no_grad():
-        want = hf(ids, attention_mask=mask, output_hidden_states=True).hidden_states
-        got = ours.layer_states(ids, mask)
+        want = hf(b["input_ids"], attention_mask=b["attention_mask"], output_hidden_states=True).hidden_states
+        got = ours.layer_states(b["input_ids"], b["attention_mask"])
     assert len(got) == 7 and max_diff(got, want) <= TOL
 
 
