@@ -1,7 +1,7 @@
 """
 ConsistentEE (Zeng et al., AAAI 2024, arXiv 2312.11882): the parts of the method that are not RL.
 
-- weighted_exit_loss: stage 1 trains every exit head, deeper heads weighted more (PABEE, Zhou et al. 2020).
+- exit_ce, weighted_exit_loss: stage 1 trains every exit head, deeper heads weighted more (PABEE, Zhou et al. 2020).
 - memorized_layer: the per-input hardness that shapes the reward (paper Sec. "Memorized Layer").
 - ExitRule: when to stop at inference; the learned policy, and the classic rules on the same model:
   a fixed layer, entropy (DeeBERT, Xin et al. 2020), patience (PABEE), max probability.
@@ -17,14 +17,19 @@ import torch.nn.functional as F
 from model import confidence
 
 
+def exit_ce(logits, labels):
+    """Cross-entropy of every exit head on every input: logits (B, L, n), labels (B,) -> (B, L)."""
+    B, L, n = logits.shape
+    return F.cross_entropy(logits.flatten(0, 1), labels.repeat_interleave(L), reduction="none").view(B, L)
+
+
 def weighted_exit_loss(logits, labels):
     """
     sum_l l * CE_l / sum_l l over the L exit heads. logits (B, L, n), labels (B,) -> scalar.
     Example: L = 2 with CE_1 = 0.9 and CE_2 = 0.3 -> (1*0.9 + 2*0.3) / 3 = 0.5
     """
-    B, L, n = logits.shape
-    ce = F.cross_entropy(logits.flatten(0, 1), labels.repeat_interleave(L), reduction="none").view(B, L)
-    w = torch.arange(1, L + 1, device=logits.device, dtype=ce.dtype)  # (L,) weights 1..L
+    ce = exit_ce(logits, labels)  # (B, L)
+    w = torch.arange(1, ce.size(1) + 1, device=logits.device, dtype=ce.dtype)  # (L,) weights 1..L
     return (ce.mean(0) * w).sum() / w.sum()
 
 
@@ -98,13 +103,14 @@ def exit_layers(rule, logits, p=None):
 @torch.no_grad()
 def early_exit(model, input_ids, attention_mask, rule):
     """
-    Batched early-exit inference with an Encoder: run layer after layer, and after each one remove the
-    rows that exit (compaction), so deeper layers only compute the inputs still running.
+    Batched early-exit inference with an Encoder in eval mode: run layer after layer, and after each one
+    remove the rows that exit (compaction), so deeper layers only compute the inputs still running.
     Returns preds (B,) and exit layers (B,) 1..L in the original row order.
     """
+    model.check_ids(input_ids)
     L = model.config.n_layer
     x = model.embed(input_ids)
-    bias, mask = model.attn_bias(attention_mask, x.dtype), attention_mask
+    bias, mask = model.attn_bias(attention_mask), attention_mask
     rows = torch.arange(input_ids.size(0), device=x.device)  # original index of each running row
     preds, exits = torch.empty_like(rows), torch.empty_like(rows)
     memory = None
@@ -120,7 +126,7 @@ def early_exit(model, input_ids, attention_mask, rule):
             stop, memory = rule.decide(l, logits, p, memory)
         preds[rows[stop]], exits[rows[stop]] = logits[stop].argmax(-1), l + 1
         go = ~stop
-        if not go.any():  # the one host synchronisation per layer: is anyone left?
+        if not go.any():  # is anyone left? (this and the boolean indexing wait for the device)
             break
         x, rows = x[go], rows[go]
         bias, mask = (None, None) if mask is None else (bias[go], mask[go])
@@ -137,7 +143,7 @@ def sweep(name, params, logits, labels, p=None):
     points = []
     for v in params:
         exits = exit_layers(ExitRule(name, v), logits, p)  # (B,)
-        preds = logits[torch.arange(B), exits - 1].argmax(-1)  # (B,) the prediction of each input's exit head
+        preds = logits[torch.arange(B, device=logits.device), exits - 1].argmax(-1)  # (B,) the prediction of each input's exit head
         avg = exits.float().mean().item()
         points.append({"name": name, "param": v, "accuracy": (preds == labels).float().mean().item(),
                        "avg_layers": avg, "speedup": L / avg})

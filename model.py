@@ -12,9 +12,8 @@ inference loop can stop any input after any layer. from_pretrained() loads a loc
 folder with explicit key maps, as nanoGPT's GPT.from_pretrained does.
 """
 import json
-import math
 import os
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -132,7 +131,10 @@ class DecoderBlock(nn.Module):
 
 
 class Policy(nn.Module):
-    """pi_l(s_l): the probability of exiting at layer l (reference: C -> 32 -> 1, GELU, sigmoid)."""
+    """
+    pi_l(s_l): the probability of exiting at layer l (reference: C -> 32 -> 1, GELU, sigmoid).
+    With cfg.policy_conf it also reads the exit head's max probability and entropy: C + 2 -> 32 -> 1.
+    """
 
     def __init__(self, cfg):
         super().__init__()
@@ -203,7 +205,7 @@ class Encoder(Backbone):
         return F.dropout(self.ln_e(x), self.config.dropout, self.training)  # (B, T, C)
 
     @staticmethod
-    def attn_bias(attention_mask, dtype):
+    def attn_bias(attention_mask):
         """(B, T) of 1 = token, 0 = padding -> (B, 1, 1, T) boolean, True where attention may look."""
         if attention_mask is None:
             return None
@@ -228,7 +230,7 @@ class Encoder(Backbone):
         """[embedding output, layer 1 output, ..., layer L output], each (B, T, C)."""
         self.check_ids(input_ids)
         x = self.embed(input_ids, token_type_ids)
-        bias = self.attn_bias(attention_mask, x.dtype)
+        bias = self.attn_bias(attention_mask)
         states = [x]
         for l in range(self.config.n_layer):
             states.append(self.run_layer(l, states[-1], bias))
@@ -401,9 +403,8 @@ def load_weights(model, keys, key_map, path):
             used.add(k)
         with torch.no_grad():
             target.copy_(torch.cat(pieces, 0))
-    tied = {"lm_head.weight", "attn.bias", "attn.masked_bias", "pooler.dense.weight", "pooler.dense.bias"}
-    unexpected = [k for k in keys if k not in used and not k.startswith(IGNORED) and not any(
-        k.endswith(t) for t in tied)]
+    skipped = ("lm_head.weight", "attn.bias", "attn.masked_bias", "pooler.dense.weight", "pooler.dense.bias")
+    unexpected = [k for k in keys if k not in used and not k.startswith(IGNORED) and not k.endswith(skipped)]
     if unexpected:
         raise ValueError(f"{path}: unexpected key {unexpected[0]!r} ({len(unexpected)} in all) for "
                          f"{type(model).__name__}")

@@ -13,7 +13,8 @@ from torch.distributions import Bernoulli
 
 # Smallest probability we take a log of. A sigmoid saturates to exactly 0.0 or 1.0 in float32
 # (|logit| > ~17 or ~104), and log(0) = -inf would make the loss and its gradient inf/nan. Clamping
-# p into [EPS, 1 - EPS] moves a log-probability by at most ~EPS per layer.
+# p into [EPS, 1 - EPS] leaves unsaturated probabilities alone; a saturated one scores log(EPS)
+# instead of -inf, and gets no gradient through the clamp.
 EPS = 1e-6
 
 

@@ -46,7 +46,7 @@ class TrainConfig:
     # stage 2: policies only, on the frozen stage-1 model
     epochs2: float = 5
     lr2: float = 3e-4
-    policy_split: str = "train"  # inputs the policy learns on: "train", or "validation" (heads not fit there)
+    policy_split: str = "train"  # stage 2 learns on "train", or "validation" (heads not fit there); stage 3 on train
     # stage 3: all parameters, consistent loss + policy loss
     epochs3: float = 1
     lr3: float = 2e-5
@@ -83,7 +83,9 @@ def parse_args(argv):
               (cfg.estimator in ("reinforce", "exact"), "--estimator must be reinforce or exact"),
               (cfg.pool in ("mean", "cls"), "--pool must be mean or cls"), (cfg.batch_size >= 1, "--batch_size >= 1"),
               (cfg.policy_split in ("train", "validation"), "--policy_split must be train or validation"),
-              (0 <= cfg.threshold <= 1, "--threshold must lie in [0, 1]")]
+              (0 <= cfg.threshold <= 1, "--threshold must lie in [0, 1]"), (cfg.log_interval >= 1, "--log_interval >= 1"),
+              (min(cfg.epochs1, cfg.epochs2, cfg.epochs3) > 0, "--epochs1/2/3 must be > 0"),
+              (min(cfg.lr1, cfg.lr2, cfg.lr3) > 0, "--lr1/2/3 must be > 0"), (cfg.max_len >= 2, "--max_len >= 2")]
     for ok, msg in checks:
         if not ok:
             raise SystemExit(f"train.py: {msg}")
@@ -91,11 +93,12 @@ def parse_args(argv):
 
 
 def pick_device(name):
-    if name != "auto":
-        return name
-    if torch.cuda.is_available():
-        return "cuda"
-    return "mps" if torch.backends.mps.is_available() else "cpu"
+    available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+    if name == "auto":
+        return next(d for d in ("cuda", "mps", "cpu") if available[d])
+    if not available.get(name.split(":")[0]):
+        raise SystemExit(f"train.py: device {name!r} is not available here; use auto, cpu, cuda or mps")
+    return name
 
 
 # -----------------------------------------------------------------------------
@@ -113,11 +116,11 @@ def stage_loss(model, stage, s, logits, labels, memorized, cfg):
     The loss of one batch. s (B, L, C) exit states, logits (B, L, n) every head's output, labels (B,),
     memorized (B,) the inputs' memorized layers. Returns (loss, {name: value} to log).
     """
-    B, L, n = logits.shape
-    ce = F.cross_entropy(logits.flatten(0, 1), labels.repeat_interleave(L), reduction="none").view(B, L)
     if stage == 1:
         loss = cee.weighted_exit_loss(logits, labels)
         return loss, {"loss/cls": loss.item()}
+    L = logits.size(1)
+    ce = cee.exit_ce(logits, labels)  # (B, L)
     # The policy learns from the reward only: it reads detached states, so no noisy REINFORCE gradient
     # reaches the backbone; in stage 3 the backbone learns from the loss at the exits actually taken.
     p = policy_probs(model, s.detach(), logits.detach())  # (B, L)
@@ -129,7 +132,8 @@ def stage_loss(model, stage, s, logits, labels, memorized, cfg):
         exits, log_prob = rl.sample_exits(p, cfg.K)  # (K, B): K trajectories from this one pass
         weights = F.one_hot(exits - 1, L).float().mean(0)  # (B, L) share of the K trajectories exiting at l
         policy_loss = rl.reinforce_loss(log_prob, reward.T.gather(0, exits - 1))
-    logs = {"loss/policy": policy_loss.item(), "exit/mean": (weights * torch.arange(1, L + 1, device=p.device)).sum(1).mean().item()}
+    layers = torch.arange(1, L + 1, device=p.device)  # (L,)
+    logs = {"loss/policy": policy_loss.item(), "exit/mean": (weights * layers).sum(1).mean().item()}
     if stage == 2:
         return policy_loss, logs
     cls_loss = (weights * ce).sum(1).mean()  # consistent: CE only where the input exits
@@ -169,14 +173,20 @@ def run_stage(model, stage, task, memorized, cfg, train_pass=None):
         total = min(total, cfg.max_steps)
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01 if stage != 2 else 0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 1 - i / total)  # linear decay to 0
+    torch.manual_seed(cfg.seed + stage)  # each stage reproducible on its own, e.g. after --stage=2
+    g = torch.Generator().manual_seed(cfg.seed + stage)
+
+    def epoch_batches(epoch):
+        if stage == 2:  # the cached states are indexed directly: no tokens to pad
+            return ({"index": i} for i in torch.randperm(len(split), generator=g).split(cfg.batch_size))
+        return data.batches(split, cfg.batch_size, shuffle=True, seed=cfg.seed + 1000 * stage + epoch,
+                            device=cfg.device)
+
     model.train()
-    step, t0 = 0, time.time()
+    step, epoch, t0 = 0, 0, time.time()
     bar = tqdm(total=total, desc=f"stage {stage}", file=sys.stderr, dynamic_ncols=True)
-    for epoch in range(math.ceil(epochs)):
-        for b in data.batches(split, cfg.batch_size, shuffle=True, seed=cfg.seed + 1000 * stage + epoch,
-                              device=cfg.device):
-            if step == total:
-                break
+    while step < total:
+        for b in epoch_batches(epoch):
             if stage == 2:
                 i = b["index"]
                 loss, logs = stage_loss(model, 2, s_all[i], logits_all[i], labels_all[i], mem[i], cfg)
@@ -195,12 +205,25 @@ def run_stage(model, stage, task, memorized, cfg, train_pass=None):
                 kv = " ".join(f"{k} {v:.4f}" for k, v in logs.items())
                 tqdm.write(f"stage {stage} step {step}/{total} {kv} lr {sched.get_last_lr()[0]:.2e} "
                            f"s/step {(time.time() - t0) / step:.3f}", file=sys.stderr)
+            if step == total:
+                break
+        epoch += 1
     bar.close()
     return time.time() - t0
 
 
 def memorized_of(logits, labels):
     return cee.memorized_layer(logits.argmax(-1), labels)
+
+
+def best_exits(logits, labels, memorized, alpha):
+    """The exit layer (B,) with the highest hardness reward: what a policy that knew the label would pick."""
+    return rl.reward_table(cee.exit_ce(logits, labels), memorized, alpha).argmax(1) + 1
+
+
+def shares(layers, L):
+    """'1:0.53 2:0.15 ...': the share of inputs at each layer."""
+    return " ".join(f"{l}:{(layers == l).float().mean():.2f}" for l in range(1, L + 1))
 
 
 def save(model, stage, memorized, cfg):
@@ -211,6 +234,9 @@ def save(model, stage, memorized, cfg):
     os.replace(path + ".tmp", path)  # atomic: a killed run never leaves a half-written checkpoint
 
 
+SAME_DATA_AND_MODEL = ("task", "init", "seed", "max_len", "pool", "policy_conf")
+
+
 def load(stage, cfg):
     path = os.path.join(cfg.out_dir, f"stage{stage}.pt")
     if not os.path.isfile(path):
@@ -219,9 +245,13 @@ def load(stage, cfg):
         ckpt = torch.load(path, map_location=cfg.device, weights_only=True)
         model = Encoder(Config(**ckpt["model_config"])).to(cfg.device)
         model.load_state_dict(ckpt["model"])
-    except Exception as e:  # corrupt file, or one written by another config
+        memorized, saved = ckpt["memorized"].to(cfg.device), ckpt["config"]
+    except Exception as e:  # corrupt file, or one written by another version
         raise SystemExit(f"train.py: cannot load {path}: {str(e).splitlines()[0]}") from None
-    return model, ckpt["memorized"].to(cfg.device)
+    for key in SAME_DATA_AND_MODEL:  # the memorized layers are indexed by position in this very split
+        if saved[key] != getattr(cfg, key):
+            raise SystemExit(f"train.py: {path} was trained with --{key}={saved[key]}, not {getattr(cfg, key)}")
+    return model, memorized
 
 
 # -----------------------------------------------------------------------------
@@ -239,7 +269,7 @@ def grids(L, n_labels):
 def rank_correlation(a, b):
     """Spearman's rho: Pearson correlation of the ranks, ties given their mean rank."""
     def ranks(x):
-        x = x.double()
+        x = x.cpu().double()
         r = torch.empty_like(x)
         r[x.argsort()] = torch.arange(len(x), dtype=torch.double)
         for v in x.unique():  # ties share the mean of their ranks
@@ -251,10 +281,12 @@ def rank_correlation(a, b):
 
 
 def timed_exits(model, split, rule, cfg):
-    """Wall-clock seconds of early-exit inference over a split, batches of 64."""
+    """Wall-clock seconds of early-exit inference over a split, batches of 64 built beforehand."""
     model.eval()
+    bs = list(data.batches(split, 64, device=cfg.device))
+    cee.early_exit(model, bs[0]["input_ids"], bs[0]["attention_mask"], rule)  # warm-up, not timed
     t0 = time.time()
-    for b in data.batches(split, 64, device=cfg.device):
+    for b in bs:
         cee.early_exit(model, b["input_ids"], b["attention_mask"], rule)
     return time.time() - t0
 
@@ -349,11 +381,14 @@ def main(argv):
                                             policy_conf=cfg.policy_conf).to(cfg.device)
         except (OSError, ValueError, KeyError) as e:
             raise SystemExit(f"train.py: {e}") from None
+        if cfg.max_len > model.config.block_size:
+            raise SystemExit(f"train.py: --max_len={cfg.max_len} exceeds the model's {model.config.block_size} positions")
         seconds["stage1"] = run_stage(model, 1, task, None, cfg)
         train_pass = all_layers(model, task["train"], cfg)
         memorized = memorized_of(*train_pass[1:])
-        print("memorized layer of the training inputs: " +
-              " ".join(f"{l}:{(memorized == l).float().mean():.2f}" for l in range(1, model.config.n_layer + 1)))
+        print("memorized layer of the training inputs: " + shares(memorized, model.config.n_layer))
+        print(f"reward-optimal exit layer (knowing the labels) at alpha {cfg.alpha}: " +
+              shares(best_exits(*train_pass[1:], memorized, cfg.alpha), model.config.n_layer))
         save(model, 1, memorized, cfg)
     else:
         model, memorized = load(cfg.stage - 1, cfg)

@@ -98,7 +98,7 @@ def test_layer_stepping_equals_full_forward():
     ids, mask, _ = bert_inputs(50, 1, T=10)
     with torch.no_grad():
         states = enc.layer_states(ids, mask)
-        x, bias = enc.embed(ids), enc.attn_bias(mask, torch.float32)
+        x, bias = enc.embed(ids), enc.attn_bias(mask)
         for l in range(3):
             x = enc.run_layer(l, x, bias)
             assert torch.allclose(x, states[l + 1], atol=1e-6)

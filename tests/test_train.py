@@ -62,11 +62,19 @@ def test_stage3_loss_is_taken_at_the_sampled_exits():
     (["--nope=1"], "unknown option '--nope=1'"), (["--alpha=abc"], "--alpha expects float, got 'abc'"),
     (["--alpha=-1"], "--alpha must be >= 0"), (["--K=0"], "--K must be >= 1"),
     (["--estimator=ppo"], "--estimator must be"), (["--policy_conf=maybe"], "--policy_conf expects bool"),
-    (["alpha=1"], "unknown option"),
+    (["alpha=1"], "unknown option"), (["--epochs2=0"], "--epochs1/2/3 must be > 0"),
+    (["--log_interval=0"], "--log_interval >= 1"), (["--lr1=-1e-5"], "--lr1/2/3 must be > 0"),
 ])
 def test_bad_options_stop_with_one_line(argv, msg):
     with pytest.raises(SystemExit, match=msg):
         train.parse_args(argv)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_unavailable_device_is_one_line():
+    with pytest.raises(SystemExit, match="device 'cuda' is not available"):
+        train.pick_device("cuda")
+    assert train.pick_device("auto") in ("cpu", "mps")
 
 
 def test_options_are_typed():
@@ -102,6 +110,9 @@ def test_smoke_run_writes_report_and_reruns_a_stage(tmp_path):
     r = run(["--task=task.csv", "--max_steps=1", "--stage=3", f"--out_dir={out}"], tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "stage 1 step" not in r.stderr and "stage 3 step 1/1" in r.stderr
+    r = run(["--task=task.csv", "--stage=3", "--seed=7", f"--out_dir={out}"], tmp_path)
+    assert r.returncode == 1 and "was trained with --seed=1337, not 7" in r.stderr
+    assert "Traceback" not in r.stderr
 
 
 def test_missing_checkpoint_is_one_line(tmp_path):
