@@ -313,19 +313,33 @@ def evaluate_and_report(test, cfg, seconds):
     seconds["test_full_depth"] = timed_exits(m3, test, cee.ExitRule("static", L), cfg)
     seconds["test_consistentee"] = timed_exits(m3, test, cee.ExitRule("consistentee", cfg.threshold), cfg)
     seconds["eval"] = time.time() - t0
-    report = {"full": {"accuracy": (lg1[:, -1].argmax(-1) == y).float().mean().item(), "layers": L},
+    full = (lg1[:, -1].argmax(-1) == y).float().mean().item()
+    report = {"full": {"accuracy": full, "layers": L},
               "methods": methods, "seconds": seconds, "config": asdict(cfg),
               "final_full_depth_accuracy": (lg3[:, -1].argmax(-1) == y).float().mean().item(),
               "stage2_policy": stage2,
+              "best_speedup": best_speedups(methods + [{**m, "name": "consistentee_stage2"} for m in stage2], full),
               "exit_by_memorized_layer": {"mean_exit": buckets, "count": {l: int((memorized == l).sum())
                                                                           for l in buckets},
                                           "threshold": cfg.threshold,
                                           "rank_correlation": rank_correlation(memorized, exits)}}
-    with open(os.path.join(cfg.out_dir, "report.json"), "w") as f:
+    path = os.path.join(cfg.out_dir, "report.json")
+    with open(path + ".tmp", "w") as f:
         json.dump(report, f, indent=1)
+    os.replace(path + ".tmp", path)  # a failed write never clobbers the previous report
     print_table(report)
     plot(report, os.path.join(cfg.out_dir, "tradeoff.png"))
     return report
+
+
+def best_speedups(methods, full_accuracy):
+    """Each method's best speed-up at no accuracy loss, and within 1 point of full depth."""
+    out = {}
+    for name in dict.fromkeys(m["name"] for m in methods):
+        pts = [m for m in methods if m["name"] == name]
+        out[name] = {regime: max((m["speedup"] for m in pts if m["accuracy"] >= full_accuracy - tol), default=None)
+                     for regime, tol in (("no_loss", 1e-9), ("within_1_point", 0.01))}
+    return out
 
 
 def print_table(r):
@@ -343,6 +357,8 @@ def print_table(r):
     print(f"mean exit layer by memorized layer (threshold {e['threshold']}): " +
           ", ".join(f"m={l}: {v:.2f} (n={e['count'][l]})" for l, v in e["mean_exit"].items()) +
           f"; rank correlation {e['rank_correlation']:.3f}")
+    print("best speed-up at no accuracy loss / within 1 point: " + ", ".join(
+        f"{k} {v['no_loss'] or 0:.2f}x / {v['within_1_point'] or 0:.2f}x" for k, v in r["best_speedup"].items()))
     print("seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in r["seconds"].items()))
 
 
