@@ -117,16 +117,21 @@ def early_exit(model, input_ids, attention_mask, rule):
     for l in range(L):
         x = model.run_layer(l, x, bias)  # (b, T, C), b = rows still running
         s = model.exit_state(x, mask)  # (b, C)
-        logits = model.exit_logits(l, s)  # (b, n)
+        logits = model.exit_logits(l, s)  # (b, n): a classification head is a C x n matmul, cheap
         if l == L - 1:
             stop = torch.ones_like(rows, dtype=torch.bool)
         else:
-            # The policy reads a C-dim state through a C x 32 MLP: far cheaper than a layer.
+            # The policy is a C x 32 MLP on the state: far cheaper than a layer. A confidence rule needs
+            # the head's whole output distribution at every layer: cheap here, but for a language model
+            # that is the C x vocab LM head, as costly as several layers.
             p = model.policies[l](model.policy_input(s, logits)) if rule.needs_policy else None
             stop, memory = rule.decide(l, logits, p, memory)
-        preds[rows[stop]], exits[rows[stop]] = logits[stop].argmax(-1), l + 1
-        go = ~stop
-        if not go.any():  # is anyone left? (this and the boolean indexing wait for the device)
+        # Record the rows that stop without asking the device which they are: write every running row,
+        # keeping the old value where the row goes on.
+        preds[rows] = torch.where(stop, logits.argmax(-1), preds[rows])
+        exits[rows] = torch.where(stop, l + 1, exits[rows])
+        go = (~stop).nonzero().squeeze(1)  # the one host synchronisation per layer: who is left
+        if len(go) == 0:
             break
         x, rows = x[go], rows[go]
         bias, mask = (None, None) if mask is None else (bias[go], mask[go])

@@ -1,0 +1,183 @@
+"""
+Does early exit save time on the clock, not only layers? Ratios of timings taken in one run.
+
+    python bench.py                         # a table; uses out/stage3.pt if python train.py made one
+    python bench.py --json                  # one JSON object
+    python bench.py --ckpt=PATH --repeats=15
+
+Each figure is a ratio of two timings of the same inputs, taken interleaved (A, B, A, B, ...) and
+summarised by the median of the repeats, so that a noisy machine slows both sides alike.
+  realized_over_layer_speedup  (time at full depth / time with early exit) / (L / mean exit layer)
+  decision_overhead            share of early-exit time spent deciding: the policy vs the entropy rule
+  ours_over_hf_inference       transformers' BertModel time / ours, full depth (> 1: ours is faster)
+  joint_step_over_stage1_step  a stage-3 step (K trajectories) / a stage-1 step, same batch
+Without a checkpoint the model is all-MiniLM-L6-v2's shape with random weights, and policies scaled
+so that the inputs spread over the exit layers.
+"""
+import json
+import os
+import statistics
+import sys
+import time
+from functools import partial
+
+import torch
+
+import cee
+import data
+import train
+from model import Config, Encoder
+
+
+def timer(device):
+    """A clock that waits for queued device work, so a timing covers what it claims to."""
+    def now():
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter()
+    return now
+
+
+def interleaved(fa, fb, repeats, now):
+    """median time of fa / median time of fb, the two run alternately after one warm-up each."""
+    fa(), fb()
+    ta, tb = [], []
+    for _ in range(repeats):
+        for f, ts in ((fa, ta), (fb, tb)):
+            t0 = now()
+            f()
+            ts.append(now() - t0)
+    return statistics.median(ta) / statistics.median(tb)
+
+
+def load_model(ckpt, device):
+    if ckpt and os.path.isfile(ckpt):
+        state = torch.load(ckpt, map_location=device, weights_only=True)
+        model = Encoder(Config(**state["model_config"]))
+        model.load_state_dict(state["model"])
+        return model.to(device).eval(), ckpt
+    torch.manual_seed(0)
+    model = Encoder(Config(dropout=0.0))
+    with torch.no_grad():
+        for pol in model.policies:  # exit probabilities spread around the 0.5 threshold
+            pol.net[-1].weight.normal_(0, 3.0)
+    return model.to(device).eval(), "random-init MiniLM shape"
+
+
+def full_depth(model, ids, mask):
+    """What one runs without early exit: every layer, then the last exit head."""
+    h = model.layer_states(ids, mask)[-1]
+    return model.exit_logits(model.config.n_layer - 1, model.exit_state(h, mask))
+
+
+class TimedRule(cee.ExitRule):
+    """An exit rule that adds up the seconds spent in its decisions and in the policy network."""
+
+    def clock(self, model, now):
+        self.seconds, self.now = 0.0, now
+        for l, pol in enumerate(model.policies):
+            model.policies[l] = Clocked(pol, self)
+        model.policy_input = Clocked(model.policy_input, self)  # the policy's view: state + head confidence
+        return self
+
+    def unclock(self, model):
+        for l, pol in enumerate(model.policies):
+            model.policies[l] = pol.module
+        del model.policy_input
+
+    def decide(self, l, logits, p, memory):
+        t0 = self.now()
+        out = super().decide(l, logits, p, memory)
+        self.seconds += self.now() - t0
+        return out
+
+
+class Clocked(torch.nn.Module):
+    """Calls module (a module or a function) and adds the seconds it took to rule.seconds."""
+
+    def __init__(self, module, rule):
+        super().__init__()
+        self.module, self.rule = module, rule
+
+    def forward(self, *args):
+        t0 = self.rule.now()
+        out = self.module(*args)
+        self.rule.seconds += self.rule.now() - t0
+        return out
+
+
+def over(batches, f):
+    """A function of no arguments that runs f(input_ids, attention_mask) on every batch."""
+    return lambda: [f(b["input_ids"], b["attention_mask"]) for b in batches]
+
+
+def main(argv):
+    args = dict(a.removeprefix("--").partition("=")[::2] for a in argv)
+    unknown = set(args) - {"json", "ckpt", "repeats", "device"}
+    if unknown:
+        raise SystemExit(f"bench.py: unknown option --{sorted(unknown)[0]}; options: --json --ckpt= --repeats= "
+                         "--device=")
+    device = train.pick_device(args.get("device", "auto"))
+    repeats = int(args.get("repeats", 9))
+    now = timer(device)
+    ckpt = args.get("ckpt", "out/stage3.pt")
+    model, source = load_model(ckpt, device)
+    L = model.config.n_layer
+    path = data.minilm_path()
+    test = data.load_task("rotten_tomatoes", data.WordPiece(os.path.join(path, "vocab.txt")))["test"]
+    b64 = next(data.batches(test, 64, device=device))
+    singles = [next(data.batches(test.select([i]), 1, device=device)) for i in range(16)]
+    policy = cee.ExitRule("consistentee", 0.5)
+    out = {"model": source, "device": device, "repeats": repeats, "realized_over_layer_speedup": {},
+           "ours_over_hf_inference": {}, "mean_exit_layer": {}}
+
+    import transformers  # what users would otherwise pick, on the same (MiniLM) weights
+    hf = transformers.BertModel.from_pretrained(path).to(device).eval()
+    minilm = Encoder.from_pretrained(path).to(device).eval()
+    with torch.no_grad():
+        for name, batches in (("batch_1", singles), ("batch_64", [b64])):
+            exits = torch.cat([e for _, e in over(batches, partial(cee.early_exit, model, rule=policy))()])
+            mean_exit = exits.float().mean().item()
+            out["mean_exit_layer"][name] = mean_exit
+            ratio = interleaved(over(batches, partial(full_depth, model)),
+                                over(batches, partial(cee.early_exit, model, rule=policy)), repeats, now)
+            out["realized_over_layer_speedup"][name] = ratio / (L / mean_exit)
+            out["ours_over_hf_inference"][name] = interleaved(over(batches, hf), over(batches, minilm.layer_states),
+                                                              repeats, now)
+
+        out["decision_overhead"] = {}
+        for name, rule in (("policy", policy), ("entropy", cee.ExitRule("entropy", 0.5))):
+            timed = TimedRule(rule.name, rule.param).clock(model, now)
+            total = 0.0
+            for _ in range(repeats):
+                t0 = now()
+                cee.early_exit(model, b64["input_ids"], b64["attention_mask"], timed)
+                total += now() - t0
+            timed.unclock(model)
+            out["decision_overhead"][name] = timed.seconds / total
+
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-6)
+    batch = next(data.batches(test, 32, shuffle=True, device=device))
+    memorized = torch.full((32,), L // 2, device=device)
+    cfg = train.TrainConfig(K=8)
+
+    def step(stage):
+        logits, s = model(batch["input_ids"], batch["attention_mask"])
+        loss, _ = train.stage_loss(model, stage, s, logits, batch["labels"], memorized, cfg)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    out["joint_step_over_stage1_step"] = interleaved(partial(step, 3), partial(step, 1), max(3, repeats // 3), now)
+
+    if "json" in args:
+        print(json.dumps(out))
+        return
+    print(f"model: {source}; device {device}; median of {repeats} interleaved repeats")
+    for key in ("realized_over_layer_speedup", "ours_over_hf_inference", "decision_overhead", "mean_exit_layer"):
+        print(f"{key:<30}" + "  ".join(f"{k} {v:.3f}" for k, v in out[key].items()))
+    print(f"{'joint_step_over_stage1_step':<30}{out['joint_step_over_stage1_step']:.3f}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
