@@ -108,6 +108,12 @@ def early_exit(model, input_ids, attention_mask, rule):
     Returns preds (B,) and exit layers (B,) 1..L in the original row order.
     """
     model.check_ids(input_ids)
+    cuda = input_ids.device.type == "cuda"
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):  # bf16 matmuls on CUDA only
+        return _early_exit(model, input_ids, attention_mask, rule)
+
+
+def _early_exit(model, input_ids, attention_mask, rule):
     L = model.config.n_layer
     x = model.embed(input_ids)
     bias, mask = model.attn_bias(attention_mask), attention_mask

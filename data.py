@@ -277,9 +277,12 @@ def batches(split, batch_size, shuffle=False, seed=0, pad_id=0, device="cpu"):
         for b, ids in enumerate(rows["input_ids"]):
             input_ids[b, :len(ids)] = torch.tensor(ids)
             attention_mask[b, :len(ids)] = 1
-        yield {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device),
-               "labels": torch.tensor(rows["label"], dtype=torch.long, device=device),  # (B,)
-               "index": index.to(device)}  # (B,)
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask,
+                 "labels": torch.tensor(rows["label"], dtype=torch.long), "index": index}  # (B, T), (B,)
+        if str(device).startswith("cuda"):  # page-locked memory: the copy to the GPU runs asynchronously
+            yield {k: v.pin_memory().to(device, non_blocking=True) for k, v in batch.items()}
+        else:
+            yield {k: v.to(device) for k, v in batch.items()}
 
 # -----------------------------------------------------------------------------
 # language-modelling corpus: GPT-2 tokens of the IMDB reviews

@@ -95,3 +95,18 @@ def test_batched_early_exit_equals_each_input_alone(encoder, name, param):
     assert exits.tolist() == want.tolist()
     assert preds.tolist() == logits[torch.arange(12), want - 1].argmax(-1).tolist()
     assert len(set(exits.tolist())) > 1 or name == "static", exits  # the test exercises compaction
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_early_exit_on_cuda_agrees_with_cpu(encoder):
+    """On CUDA early_exit runs in bf16: the exits may differ near a threshold, but rarely."""
+    import copy
+    ids = torch.randint(0, 40, (64, 10), generator=torch.Generator().manual_seed(5))
+    mask = torch.ones_like(ids)
+    gpu = copy.deepcopy(encoder).to("cuda")
+    for rule in (cee.ExitRule("static", 3), cee.ExitRule("maxprob", 0.8)):
+        preds, exits = cee.early_exit(encoder, ids, mask, rule)
+        preds_gpu, exits_gpu = cee.early_exit(gpu, ids.to("cuda"), mask.to("cuda"), rule)
+        assert exits_gpu.device.type == "cuda"
+        assert (exits_gpu.cpu() == exits).float().mean() >= 0.9
+        assert (preds_gpu.cpu() == preds).float().mean() >= 0.9
