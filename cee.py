@@ -132,11 +132,13 @@ def _early_exit(model, input_ids, attention_mask, rule):
             # that is the C x vocab LM head, as costly as several layers.
             p = model.policies[l](model.policy_input(s, logits)) if rule.needs_policy else None
             stop, memory = rule.decide(l, logits, p, memory)
-        # Record the rows that stop without asking the device which they are: write every running row,
-        # keeping the old value where the row goes on.
+        go = (~stop).nonzero().squeeze(1)  # the one host synchronisation per layer: who is left
+        if len(go) == len(rows):  # nobody stopped: nothing to record, nothing to drop
+            continue
+        # Record the rows that stop without asking the device again which they are: write every
+        # running row, keeping the old value where the row goes on.
         preds[rows] = torch.where(stop, logits.argmax(-1), preds[rows])
         exits[rows] = torch.where(stop, l + 1, exits[rows])
-        go = (~stop).nonzero().squeeze(1)  # the one host synchronisation per layer: who is left
         if len(go) == 0:
             break
         x, rows = x[go], rows[go]

@@ -146,8 +146,10 @@ def all_layers(model, split, cfg):
     """Every exit's states (N, L, C), logits (N, L, n) and labels (N,) of a split, in eval mode."""
     was_training = model.training
     model.eval()
-    out = [(s, logits, b["labels"]) for b in data.batches(split, 64, device=cfg.device)
-           for logits, s in [model(b["input_ids"], b["attention_mask"])]]
+    out = []
+    for b in data.batches(split, 64, device=cfg.device):
+        logits, s = model(b["input_ids"], b["attention_mask"])
+        out.append((s, logits, b["labels"]))
     model.train(was_training)
     return [torch.cat(parts) for parts in zip(*out)]
 
