@@ -91,6 +91,14 @@ class Attention(nn.Module):
         return F.dropout(self.proj(y), self.dropout, self.training)
 
 
+    def write_kv(self, x, cache, pos):
+        """Only write the keys and values of x (B, T, C) at positions pos.. into cache (a skipped layer)."""
+        B, T, C = x.shape
+        _, k, v = self.qkv(x).split(C, dim=2)
+        cache[0][:, :, pos:pos + T] = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, H, T, D)
+        cache[1][:, :, pos:pos + T] = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+
+
 class MLP(nn.Module):
     def __init__(self, cfg):
         super().__init__()
@@ -303,6 +311,15 @@ class Decoder(Backbone):
         """The exit head of any layer: final LayerNorm + LM head. (..., C) -> (..., vocab)."""
         return self.lm_head(self.ln_f(x))
 
+    def copy_state_up(self, l, x, cache, pos):
+        """
+        A token that exits after layer l (0-based) leaves layers l+1.. without keys/values at its
+        positions, yet later tokens attend to them. State copying (CALM, Schuster et al. 2022): treat the
+        exited state x (B, T, C) as the input of every skipped layer and write the K/V it gives.
+        """
+        for block, kv in zip(self.blocks[l + 1:], cache[l + 1:]):
+            block.attn.write_kv(block.ln_1(x), kv, pos)
+
     def new_cache(self, batch_size, max_len=None, device=None, dtype=None):
         """Preallocated keys and values: cache[l] = (k, v), each (B, H, T_max, D)."""
         c = self.config
@@ -333,7 +350,8 @@ class Decoder(Backbone):
                       act=hf.get("activation_function", "gelu_new"), ln_eps=hf.get("layer_norm_epsilon", 1e-5),
                       dropout=hf.get("resid_pdrop", 0.1), attn_scale=hf.get("scale_attn_weights", True),
                       attn_scale_by_layer=hf.get("scale_attn_by_inverse_layer_idx", False),
-                      tie_lm_head=hf.get("tie_word_embeddings", True), **overrides)
+                      tie_lm_head=hf.get("tie_word_embeddings", True),
+                      **{"policy_conf": False, **overrides})  # a decoder's policy must not need the LM head
 
     @staticmethod
     def key_map(cfg):

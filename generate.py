@@ -1,0 +1,226 @@
+"""
+Generate text with a GPT-2 style Decoder, each token choosing its own exit layer.
+
+    python generate.py --ckpt=PATH --prompt="The movie was" --exit=policy
+    python generate.py --ckpt=PATH --prompt="..." --exit=speculative --json
+
+--ckpt is a Hugging Face GPT-2 folder (its exit policies are then untrained) or a decoder checkpoint.
+--exit picks how deep each generated token goes:
+  none         every layer (plain greedy or sampled decoding with a KV cache)
+  policy       the first layer whose exit policy says p > threshold (ConsistentEE, token level)
+  confidence   the first layer whose exit head's top probability > threshold (CALM's softmax rule)
+  speculative  draft draft_len tokens with policy exits, verify them with the full model in one pass,
+               keep the agreeing prefix (self-speculative decoding, LayerSkip, Elhoushi et al. 2024):
+               greedy output identical to --exit=none, whatever the policy.
+A token that exits early leaves its skipped layers without keys/values; they are filled by state
+copying (Decoder.copy_state_up, from CALM).
+"""
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass, fields
+
+import torch
+
+import cee
+import data
+from model import Config, Decoder
+from train import pick_device
+
+
+@dataclass
+class GenConfig:
+    ckpt: str = ""               # a Hugging Face GPT-2 folder or a decoder checkpoint (.pt)
+    prompt: str = ""
+    exit: str = "none"           # none | policy | confidence | speculative
+    max_new_tokens: int = 50
+    temperature: float = 0.0     # 0 = greedy
+    top_k: int = 0               # sample from the k most likely tokens only; 0 = all
+    threshold: float = 0.5       # exit when the policy's probability (or the head's top probability) exceeds it
+    draft_len: int = 4           # speculative: tokens drafted before each verification
+    seed: int = 1337
+    device: str = "auto"
+    json: bool = False           # print one JSON object instead of text and a statistics line
+
+
+def parse_args(argv):
+    cfg, types = GenConfig(), {f.name: f.type for f in fields(GenConfig)}
+    for arg in argv:
+        key, eq, value = arg.removeprefix("--").partition("=")
+        if key == "json" and not eq:
+            value, eq = "true", "="
+        if not arg.startswith("--") or not eq or key not in types:
+            raise SystemExit(f"generate.py: unknown option {arg!r}; options: " + " ".join(f"--{k}=" for k in types))
+        try:
+            setattr(cfg, key, value.lower() in ("1", "true") if types[key] is bool else types[key](value))
+        except ValueError:
+            raise SystemExit(f"generate.py: --{key} expects {types[key].__name__}, got {value!r}") from None
+    for ok, msg in [(cfg.exit in ("none", "policy", "confidence", "speculative"),
+                     f"unknown --exit={cfg.exit}; use none, policy, confidence or speculative"),
+                    (cfg.ckpt, "--ckpt is required"), (cfg.prompt, "the prompt is empty"),
+                    (cfg.max_new_tokens > 0, "--max_new_tokens must be > 0"), (cfg.temperature >= 0, "--temperature >= 0"),
+                    (cfg.draft_len >= 1, "--draft_len >= 1"), (cfg.top_k >= 0, "--top_k >= 0"),
+                    (cfg.exit != "speculative" or cfg.temperature == 0, "--exit=speculative is greedy: use --temperature=0")]:
+        if not ok:
+            raise SystemExit(f"generate.py: {msg}")
+    return cfg
+
+
+def load_decoder(path, device):
+    """A Decoder from a Hugging Face GPT-2 folder or from a checkpoint file holding model and model_config."""
+    if os.path.isdir(path):
+        return Decoder.from_pretrained(path).to(device).eval()
+    ckpt = torch.load(path, map_location=device, weights_only=True)
+    if "heads.0.weight" in ckpt["model"]:
+        raise ValueError(f"{path} is a checkpoint of a classification encoder; generate.py needs a decoder")
+    model = Decoder(Config(**ckpt["model_config"]))
+    model.load_state_dict(ckpt["model"])
+    return model.to(device).eval()
+
+
+def next_token(logits, temperature, top_k, generator):
+    """Pick a token from the last position's logits (B, vocab) -> (B, 1)."""
+    if temperature == 0:
+        return logits.argmax(-1, keepdim=True)
+    logits = logits / temperature
+    if top_k:
+        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    return torch.multinomial(torch.softmax(logits.float(), -1), 1, generator=generator)
+
+
+def step(model, tok, cache, pos, rule):
+    """
+    Run one token (B, 1) at position pos layer by layer until `rule` lets it exit (rule None: never);
+    the skipped layers get their K/V by state copying. Returns (logits (B, vocab), exit layer 1..L).
+    """
+    L = model.config.n_layer
+    x = model.embed(tok, pos)
+    for l in range(L):
+        x = model.run_layer(l, x, cache, pos)  # (B, 1, C)
+        if rule is None or l == L - 1:
+            continue
+        state = x[:, -1]  # (B, C)
+        # The policy needs only the state (a C x 32 MLP); a confidence rule needs the LM head here.
+        logits = None if rule.needs_policy else model.exit_logits(state)
+        p = model.policies[l](state) if rule.needs_policy else None
+        stop, _ = rule.decide(l, logits, p, None)
+        if stop.all():  # the one host synchronisation per layer
+            model.copy_state_up(l, x, cache, pos)
+            return (model.exit_logits(state) if logits is None else logits), l + 1
+    return model.exit_logits(x[:, -1]), L
+
+
+def prefill(model, idx, cache):
+    """Every layer over the prompt (B, T), filling the cache; the last position's logits (B, vocab)."""
+    x = model.embed(idx)
+    for l in range(model.config.n_layer):
+        x = model.run_layer(l, x, cache)
+    return model.exit_logits(x[:, -1])
+
+
+@torch.no_grad()
+def generate(model, idx, max_new_tokens, exit="none", threshold=0.5, temperature=0.0, top_k=0,
+             draft_len=4, generator=None):
+    """
+    Continue idx (1, T). Returns (new token ids (1, n), stats dict with mean_exit_layer and
+    accepted_per_draft). Stops early when the position table is full.
+    """
+    model.check_ids(idx)
+    if idx.size(1) >= model.config.block_size:
+        raise ValueError(f"the prompt has {idx.size(1)} tokens; the model's context is {model.config.block_size}")
+    max_new_tokens = min(max_new_tokens, model.config.block_size - idx.size(1))
+    cuda = idx.device.type == "cuda"
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
+        if exit == "speculative":
+            return speculative(model, idx, max_new_tokens, cee.ExitRule("consistentee", threshold), draft_len)
+        rule = {"none": None, "policy": cee.ExitRule("consistentee", threshold),
+                "confidence": cee.ExitRule("maxprob", threshold)}[exit]
+        cache = model.new_cache(idx.size(0), idx.size(1) + max_new_tokens)
+        logits, out, exits = prefill(model, idx, cache), [], []
+        for pos in range(idx.size(1), idx.size(1) + max_new_tokens):
+            tok = next_token(logits, temperature, top_k, generator)  # (B, 1)
+            out.append(tok)
+            if pos + 1 < idx.size(1) + max_new_tokens:
+                logits, e = step(model, tok, cache, pos, rule)
+                exits.append(e)
+    mean_exit = sum(exits) / len(exits) if exits else float(model.config.n_layer)
+    return torch.cat(out, 1), {"mean_exit_layer": mean_exit, "accepted_per_draft": None}
+
+
+def speculative(model, idx, max_new_tokens, rule, draft_len):
+    """
+    Greedy self-speculative decoding. The last accepted token `last` sits at position q, every token
+    before it has full-depth K/V. Draft k tokens from `last` with early exits, then run the full model
+    over [last, d_1..d_k] in one pass: it rewrites their K/V at full depth and predicts f_1..f_{k+1}.
+    Keep d_i while d_i == f_i, then f at the first disagreement: exactly what full depth would emit.
+    """
+    cache = model.new_cache(idx.size(0), idx.size(1) + max_new_tokens + draft_len)
+    if idx.size(1) > 1:
+        prefill(model, idx[:, :-1], cache)
+    last, q, out, exits, accepted = idx[:, -1:], idx.size(1) - 1, [], [], []
+    while len(out) < max_new_tokens:
+        k = min(draft_len, max_new_tokens - len(out) - 1, model.config.block_size - q - 1)
+        drafts, tok = [], last
+        for i in range(k):
+            logits, e = step(model, tok, cache, q + i, rule)
+            tok = logits.argmax(-1, keepdim=True)  # (1, 1)
+            drafts.append(tok)
+            exits.append(e)
+        x = model.embed(torch.cat([last] + drafts, 1), q)  # (1, k+1, C)
+        for l in range(model.config.n_layer):
+            x = model.run_layer(l, x, cache, q)
+        full = model.exit_logits(x).argmax(-1)  # (1, k+1): the full model's next token after each
+        n = 0
+        while n < k and drafts[n].item() == full[0, n].item():
+            n += 1
+        out += [full[:, i:i + 1] for i in range(n + 1)]  # d_1..d_n (equal to f_1..f_n), then f_{n+1}
+        accepted.append(n)
+        last, q = full[:, n:n + 1], q + n + 1
+    mean_exit = sum(exits) / len(exits) if exits else float(model.config.n_layer)
+    return torch.cat(out[:max_new_tokens], 1), {"mean_exit_layer": mean_exit,
+                                                "accepted_per_draft": sum(accepted) / len(accepted)}
+
+
+@torch.no_grad()
+def agreement_with_full(model, idx, new):
+    """Share of the new tokens that full-depth greedy decoding would pick after the same prefix."""
+    seq = torch.cat([idx, new], 1)[:, :-1]
+    full = model(seq)[0][:, idx.size(1) - 1:].argmax(-1)  # (1, n) the full model's choice at each new position
+    return (full == new).float().mean().item()
+
+
+def main(argv):
+    cfg = parse_args(argv)
+    device = pick_device(cfg.device)
+    try:
+        model = load_decoder(cfg.ckpt, device)
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
+        raise SystemExit(f"generate.py: cannot load {cfg.ckpt}: {str(e).splitlines()[0]}") from None
+    enc = data.gpt2_tokenizer()
+    if model.config.vocab_size < enc.n_vocab:
+        raise SystemExit(f"generate.py: the model's vocabulary ({model.config.vocab_size}) is not GPT-2's ({enc.n_vocab})")
+    idx = torch.tensor([enc.encode_ordinary(cfg.prompt)], device=device)
+    if idx.size(1) >= model.config.block_size:
+        raise SystemExit(f"generate.py: the prompt has {idx.size(1)} tokens, the context is {model.config.block_size}")
+    g = torch.Generator(device=device).manual_seed(cfg.seed)
+    t0 = time.perf_counter()
+    new, stats = generate(model, idx, cfg.max_new_tokens, cfg.exit, cfg.threshold, cfg.temperature, cfg.top_k,
+                          cfg.draft_len, g)
+    seconds = time.perf_counter() - t0
+    report = {"text": enc.decode(new[0].tolist()), "tokens": new.size(1), "tokens_per_s": new.size(1) / seconds,
+              "mean_exit_layer": stats["mean_exit_layer"], "agreement_with_full": agreement_with_full(model, idx, new),
+              "accepted_per_draft": stats["accepted_per_draft"]}
+    if cfg.json:
+        print(json.dumps(report))
+        return
+    print(cfg.prompt + report["text"])
+    print(f"tokens {report['tokens']}, {report['tokens_per_s']:.1f} tokens/s, mean exit layer "
+          f"{report['mean_exit_layer']:.2f} of {model.config.n_layer}, agreement with full depth "
+          f"{report['agreement_with_full']:.3f}" +
+          (f", accepted per draft {report['accepted_per_draft']:.2f}" if report["accepted_per_draft"] is not None else ""))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,127 @@
+"""generate.py: parity with transformers, lossless speculative decoding, state copying, bad input."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import cee
+import generate
+from model import Config, Decoder, Encoder
+
+transformers = pytest.importorskip("transformers")
+
+
+@pytest.fixture(scope="module")
+def gpt2_dir(tmp_path_factory):
+    """A random-init GPT-2 with the real vocabulary, whose deeper layers change the prediction."""
+    path = tmp_path_factory.mktemp("gpt2")
+    torch.manual_seed(0)
+    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_embd=32, n_layer=4, n_head=4, n_positions=64))
+    with torch.no_grad():
+        for block in hf.transformer.h[1:]:
+            block.mlp.c_proj.weight.mul_(30)
+    hf.eval().save_pretrained(path)
+    return path
+
+
+def prompt():
+    return torch.randint(0, 50257, (1, 7), generator=torch.Generator().manual_seed(1))
+
+
+def test_greedy_equals_transformers_generate(gpt2_dir):
+    hf = transformers.GPT2LMHeadModel.from_pretrained(gpt2_dir).eval()
+    idx = prompt()
+    want = hf.generate(idx, attention_mask=torch.ones_like(idx), do_sample=False, max_new_tokens=24,
+                       pad_token_id=0)[:, 7:]
+    new, stats = generate.generate(Decoder.from_pretrained(gpt2_dir).eval(), idx, 24)
+    assert torch.equal(new, want) and stats["mean_exit_layer"] == 4
+
+
+@pytest.mark.parametrize("bias", [-30.0, 0.0, 30.0])  # policies that never exit, untrained ones, always exit
+@pytest.mark.parametrize("draft_len", [1, 3, 5])
+def test_speculative_is_identical_to_full_depth(gpt2_dir, bias, draft_len):
+    model = Decoder.from_pretrained(gpt2_dir).eval()
+    with torch.no_grad():
+        for pol in model.policies:
+            pol.net[-1].bias.add_(bias)
+    idx = prompt()
+    want, _ = generate.generate(model, idx, 30)
+    got, stats = generate.generate(model, idx, 30, "speculative", draft_len=draft_len)
+    assert torch.equal(got, want)
+    if bias > 0:  # drafts from layer 1 of 4 are often wrong here: the verification must reject them
+        assert stats["mean_exit_layer"] == 1 and stats["accepted_per_draft"] < draft_len
+
+
+def test_exited_token_leaves_copied_state_in_skipped_layers(gpt2_dir):
+    model = Decoder.from_pretrained(gpt2_dir).eval()
+    with torch.no_grad():
+        model.policies[0].net[-1].bias.fill_(30.0)  # every token exits after layer 1
+        idx = prompt()
+        cache = model.new_cache(1, 16)
+        generate.prefill(model, idx, cache)
+        before = [(k.clone(), v.clone()) for k, v in cache]
+        tok = torch.tensor([[42]])
+        logits, exit_layer = generate.step(model, tok, cache, 7, cee.ExitRule("consistentee", 0.5))
+        h = model.run_layer(0, model.embed(tok, 7), before, 7)  # its layer-1 state, after the same prompt
+        assert exit_layer == 1 and torch.allclose(logits, model.exit_logits(h[:, -1]), atol=1e-5)
+        for l in (1, 2, 3):
+            k = model.blocks[l].attn.qkv(model.blocks[l].ln_1(h))[..., 32:64]  # (1, 1, C) the key it copies
+            assert torch.allclose(cache[l][0][0, :, 7], k.view(4, 8), atol=1e-5)
+
+
+def test_policy_and_confidence_exits_report_depth(gpt2_dir):
+    model = Decoder.from_pretrained(gpt2_dir).eval()
+    with torch.no_grad():
+        model.policies[1].net[-1].bias.fill_(30.0)  # layer 2 always exits
+        for pol in (model.policies[0], model.policies[2]):
+            pol.net[-1].bias.fill_(-30.0)
+    new, stats = generate.generate(model, prompt(), 10, "policy")
+    assert stats["mean_exit_layer"] == 2 and new.shape == (1, 10)
+    _, stats = generate.generate(model, prompt(), 10, "confidence", threshold=0.0)  # any head is confident
+    assert stats["mean_exit_layer"] == 1
+
+
+def test_sampling_is_seeded_and_respects_top_k(gpt2_dir):
+    model = Decoder.from_pretrained(gpt2_dir).eval()
+
+    def sample(seed):
+        g = torch.Generator().manual_seed(seed)
+        return generate.generate(model, prompt(), 12, temperature=1.0, top_k=1, generator=g)[0]
+    assert torch.equal(sample(1), sample(2))  # top_k = 1 is greedy whatever the seed
+    assert torch.equal(sample(1), generate.generate(model, prompt(), 12)[0])
+    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    a = generate.generate(model, prompt(), 12, temperature=2.0, generator=g1)[0]
+    assert torch.equal(a, generate.generate(model, prompt(), 12, temperature=2.0, generator=g2)[0])
+
+
+def run(*args):
+    return subprocess.run([sys.executable, generate.__file__, *args], capture_output=True, text=True, timeout=300)
+
+
+def test_cli_json(gpt2_dir):
+    r = run(f"--ckpt={gpt2_dir}", "--prompt=The film was", "--exit=speculative", "--max_new_tokens=8", "--json")
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert set(out) == {"text", "tokens", "tokens_per_s", "mean_exit_layer", "agreement_with_full",
+                        "accepted_per_draft"}
+    assert out["tokens"] == 8 and out["agreement_with_full"] == 1.0 and out["tokens_per_s"] > 0
+
+
+@pytest.mark.parametrize("args,msg", [
+    (["--prompt="], "the prompt is empty"), (["--prompt=hi", "--max_new_tokens=0"], "--max_new_tokens must be > 0"),
+    (["--prompt=hi", "--exit=fast"], "unknown --exit=fast"),
+    (["--prompt=" + " word" * 80], "the prompt has 80 tokens, the context is 64"),
+    (["--prompt=hi", "--exit=speculative", "--temperature=1"], "use --temperature=0"),
+])
+def test_cli_bad_input_is_one_line(gpt2_dir, args, msg):
+    r = run(f"--ckpt={gpt2_dir}", *args)
+    assert r.returncode == 1 and msg in r.stderr and "Traceback" not in r.stderr
+
+
+def test_cli_refuses_an_encoder_checkpoint(tmp_path):
+    enc = Encoder(Config(n_layer=2, n_head=2, n_embd=16, vocab_size=50, block_size=8))
+    torch.save({"model": enc.state_dict(), "model_config": vars(enc.config)}, tmp_path / "enc.pt")
+    r = run(f"--ckpt={tmp_path / 'enc.pt'}", "--prompt=hi")
+    assert r.returncode == 1 and "classification encoder" in r.stderr and "Traceback" not in r.stderr
