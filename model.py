@@ -391,7 +391,10 @@ def read_checkpoint(path):
         from safetensors.torch import load_file
         sd = load_file(st)
     elif os.path.isfile(bin_):
-        sd = torch.load(bin_, map_location="cpu", weights_only=True)
+        try:  # weights_only: a pickle that would run code is refused, not executed
+            sd = torch.load(bin_, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise ValueError(f"cannot read {bin_}: {str(e).splitlines()[0]}") from None
     else:
         raise FileNotFoundError(f"{path} has no model.safetensors or pytorch_model.bin")
     keys = {}

@@ -56,6 +56,8 @@ class TrainConfig:
     estimator: str = "reinforce"  # "reinforce" (sampled, mean-of-K baseline) or "exact" (sum over all exits)
     threshold: float = 0.5       # exit when the policy's probability exceeds this
     log_interval: int = 50
+    ckpt_interval: int = 200     # write out_dir/resume.pt every this many optimiser steps (and at each stage's end)
+    resume: bool = False         # continue from out_dir/resume.pt exactly where the last run stopped
 
 
 def parse_args(argv):
@@ -84,6 +86,7 @@ def parse_args(argv):
               (cfg.pool in ("mean", "cls"), "--pool must be mean or cls"), (cfg.batch_size >= 1, "--batch_size >= 1"),
               (cfg.policy_split in ("train", "validation"), "--policy_split must be train or validation"),
               (0 <= cfg.threshold <= 1, "--threshold must lie in [0, 1]"), (cfg.log_interval >= 1, "--log_interval >= 1"),
+              (cfg.ckpt_interval >= 1, "--ckpt_interval >= 1"), (not (cfg.resume and cfg.stage > 1), "--resume picks its stage"),
               (min(cfg.epochs1, cfg.epochs2, cfg.epochs3) > 0, "--epochs1/2/3 must be > 0"),
               (min(cfg.lr1, cfg.lr2, cfg.lr3) > 0, "--lr1/2/3 must be > 0"), (cfg.max_len >= 2, "--max_len >= 2")]
     for ok, msg in checks:
@@ -154,17 +157,18 @@ def all_layers(model, split, cfg):
     return [torch.cat(parts) for parts in zip(*out)]
 
 
-def run_stage(model, stage, task, memorized, cfg, train_pass=None):
+def run_stage(model, stage, task, memorized, cfg, train_pass=None, resume=None):
     """
     One optimiser loop for any stage: what changes is the parameters, the data and stage_loss.
     train_pass: all_layers() of the training split by this model, if already at hand.
+    resume: the contents of a resume.pt written by this stage, to continue from its step.
     """
     if stage == 2:  # frozen backbone: the states of every input are computed once
         split = task[cfg.policy_split]
         if cfg.policy_split != "train" or train_pass is None:
             train_pass = all_layers(model, split, cfg)
         s_all, logits_all, labels_all = train_pass
-        mem = memorized if cfg.policy_split == "train" else memorized_of(logits_all, labels_all)
+        mem_all = memorized if cfg.policy_split == "train" else memorized_of(logits_all, labels_all)
         params = list(model.policies.parameters())
     else:
         split, params = task["train"], list(model.parameters())
@@ -177,6 +181,13 @@ def run_stage(model, stage, task, memorized, cfg, train_pass=None):
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 1 - i / total)  # linear decay to 0
     torch.manual_seed(cfg.seed + stage)  # each stage reproducible on its own, e.g. after --stage=2
     g = torch.Generator().manual_seed(cfg.seed + stage)
+    step, epoch, skip = 0, 0, 0
+    if resume is not None:  # continue bit for bit: optimiser, schedule, random streams, place in the epoch
+        opt.load_state_dict(resume["optimizer"])
+        sched.load_state_dict(resume["scheduler"])
+        step, epoch, skip = resume["step"], resume["epoch"], resume["batch"]
+        torch.set_rng_state(resume["rng"])
+        g.set_state(resume["batch_rng"])
 
     def epoch_batches(epoch):
         if stage == 2:  # the cached states are indexed directly: no tokens to pad
@@ -185,17 +196,25 @@ def run_stage(model, stage, task, memorized, cfg, train_pass=None):
                             device=cfg.device)
 
     model.train()
-    step, epoch, t0 = 0, 0, time.time()
-    bar = tqdm(total=total, desc=f"stage {stage}", file=sys.stderr, dynamic_ncols=True)
+    t0 = time.time()
+    bar = tqdm(total=total, initial=step, desc=f"stage {stage}", file=sys.stderr, dynamic_ncols=True)
     while step < total:
-        for b in epoch_batches(epoch):
+        batch_rng = g.get_state()  # where this epoch's shuffle starts, for resume.pt
+        for j, b in enumerate(epoch_batches(epoch)):
+            if j < skip:  # done before the run was stopped
+                continue
             if stage == 2:
                 i = b["index"]
-                loss, logs = stage_loss(model, 2, s_all[i], logits_all[i], labels_all[i], mem[i], cfg)
+                s, logits, labels, mem = s_all[i], logits_all[i], labels_all[i], mem_all[i]
             else:
                 logits, s = model(b["input_ids"], b["attention_mask"])
+                labels = b["labels"]
                 mem = None if memorized is None else memorized[b["index"]]  # stage 1 has none yet
-                loss, logs = stage_loss(model, stage, s, logits, b["labels"], mem, cfg)
+            loss, logs = (stage_loss(model, stage, s, logits, labels, mem, cfg) if torch.isfinite(logits).all()
+                          else (None, {"logits": math.nan}))
+            if not all(math.isfinite(v) for v in logs.values()):  # a NaN/inf in logits, losses or rewards
+                raise SystemExit(f"train.py: non-finite {[k for k, v in logs.items() if not math.isfinite(v)]} "
+                                 f"at stage {stage} step {step + 1}; stopped, the saved checkpoints are kept")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -203,13 +222,19 @@ def run_stage(model, stage, task, memorized, cfg, train_pass=None):
             sched.step()
             step += 1
             bar.update()
+            if step % cfg.ckpt_interval == 0 or step == total:
+                write(os.path.join(cfg.out_dir, "resume.pt"), {
+                    "model": model.state_dict(), "model_config": asdict(model.config), "config": asdict(cfg),
+                    "stage": stage, "memorized": memorized, "optimizer": opt.state_dict(),
+                    "scheduler": sched.state_dict(), "step": step, "epoch": epoch, "batch": j + 1,
+                    "rng": torch.get_rng_state(), "batch_rng": batch_rng})
             if step % cfg.log_interval == 0 or step == total:
                 kv = " ".join(f"{k} {v:.4f}" for k, v in logs.items())
                 tqdm.write(f"stage {stage} step {step}/{total} {kv} lr {sched.get_last_lr()[0]:.2e} "
                            f"s/step {(time.time() - t0) / step:.3f}", file=sys.stderr)
             if step == total:
                 break
-        epoch += 1
+        epoch, skip = epoch + 1, 0
     bar.close()
     return time.time() - t0
 
@@ -228,32 +253,43 @@ def shares(layers, L):
     return " ".join(f"{l}:{(layers == l).float().mean():.2f}" for l in range(1, L + 1))
 
 
+def write(path, checkpoint):
+    """torch.save to a temporary file, then rename: a killed run or a full disk never spoils path."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    try:
+        torch.save(checkpoint, path + ".tmp")
+        os.replace(path + ".tmp", path)
+    except OSError as e:
+        if os.path.exists(path + ".tmp"):
+            os.remove(path + ".tmp")
+        raise SystemExit(f"train.py: cannot write {path} ({e.strerror or e}); the previous file there is kept") from None
+
+
 def save(model, stage, memorized, cfg):
-    os.makedirs(cfg.out_dir, exist_ok=True)
-    path = os.path.join(cfg.out_dir, f"stage{stage}.pt")
-    torch.save({"model": model.state_dict(), "model_config": asdict(model.config), "config": asdict(cfg),
-                "stage": stage, "memorized": memorized}, path + ".tmp")
-    os.replace(path + ".tmp", path)  # atomic: a killed run never leaves a half-written checkpoint
+    write(os.path.join(cfg.out_dir, f"stage{stage}.pt"), {
+        "model": model.state_dict(), "model_config": asdict(model.config), "config": asdict(cfg),
+        "stage": stage, "memorized": memorized})
 
 
 SAME_DATA_AND_MODEL = ("task", "init", "seed", "max_len", "pool", "policy_conf")
 
 
-def load(stage, cfg):
-    path = os.path.join(cfg.out_dir, f"stage{stage}.pt")
+def load(name, cfg, must_match=SAME_DATA_AND_MODEL):
+    """A checkpoint in out_dir (stage1.pt .. stage3.pt, resume.pt): (model, memorized, the checkpoint)."""
+    path = os.path.join(cfg.out_dir, name)
     if not os.path.isfile(path):
-        raise SystemExit(f"train.py: --stage={stage + 1} needs {path}; run the earlier stages first")
+        raise SystemExit(f"train.py: {path} is missing; run the stages before it first")
     try:
         ckpt = torch.load(path, map_location=cfg.device, weights_only=True)
         model = Encoder(Config(**ckpt["model_config"])).to(cfg.device)
         model.load_state_dict(ckpt["model"])
-        memorized, saved = ckpt["memorized"].to(cfg.device), ckpt["config"]
+        memorized, saved = ckpt["memorized"], ckpt["config"]
     except Exception as e:  # corrupt file, or one written by another version
         raise SystemExit(f"train.py: cannot load {path}: {str(e).splitlines()[0]}") from None
-    for key in SAME_DATA_AND_MODEL:  # the memorized layers are indexed by position in this very split
+    for key in must_match:  # e.g. the memorized layers are indexed by position in this very split
         if saved[key] != getattr(cfg, key):
             raise SystemExit(f"train.py: {path} was trained with --{key}={saved[key]}, not {getattr(cfg, key)}")
-    return model, memorized
+    return model, memorized, ckpt
 
 
 # -----------------------------------------------------------------------------
@@ -296,9 +332,7 @@ def timed_exits(model, split, rule, cfg):
 def evaluate_and_report(test, cfg, seconds):
     """Baselines on the stage-1 model, ConsistentEE on the final one; report.json, tradeoff.png, a table."""
     t0 = time.time()
-    m1, _ = load(1, cfg)
-    m2, _ = load(2, cfg)
-    m3, _ = load(3, cfg)
+    m1, m2, m3 = (load(f"stage{stage}.pt", cfg)[0] for stage in (1, 2, 3))
     s1, lg1, y = all_layers(m1, test, cfg)  # stage 2 trained policies only: its backbone is stage 1's
     s3, lg3, _ = all_layers(m3, test, cfg)
     with torch.no_grad():
@@ -392,27 +426,32 @@ def main(argv):
     except (OSError, ValueError, RuntimeError) as e:
         raise SystemExit(f"train.py: {e}") from None
     print(f"task {cfg.task}: " + ", ".join(f"{k} {len(task[k])}" for k in ("train", "validation", "test")))
-    seconds = {}
-    if cfg.stage == 1:
+    seconds, resume, train_pass = {}, None, None
+    if cfg.resume:  # the run must be the one that wrote resume.pt, but for where it writes and logs
+        same = [f.name for f in fields(TrainConfig) if f.name not in ("out_dir", "resume", "device", "log_interval")]
+        model, memorized, resume = load("resume.pt", cfg, same)
+        first = resume["stage"]
+    elif cfg.stage > 1:
+        model, memorized, _ = load(f"stage{cfg.stage - 1}.pt", cfg)
+        first = cfg.stage
+    else:
         try:
             model = Encoder.from_pretrained(path, n_labels=len(task["label_names"]), pool=cfg.pool,
                                             policy_conf=cfg.policy_conf).to(cfg.device)
         except (OSError, ValueError, KeyError) as e:
             raise SystemExit(f"train.py: {e}") from None
-        if cfg.max_len > model.config.block_size:
-            raise SystemExit(f"train.py: --max_len={cfg.max_len} exceeds the model's {model.config.block_size} positions")
-        seconds["stage1"] = run_stage(model, 1, task, None, cfg)
-        train_pass = all_layers(model, task["train"], cfg)
-        memorized = memorized_of(*train_pass[1:])
-        print("memorized layer of the training inputs: " + shares(memorized, model.config.n_layer))
-        print(f"reward-optimal exit layer (knowing the labels) at alpha {cfg.alpha}: " +
-              shares(best_exits(*train_pass[1:], memorized, cfg.alpha), model.config.n_layer))
-        save(model, 1, memorized, cfg)
-    else:
-        model, memorized = load(cfg.stage - 1, cfg)
-        train_pass = None
-    for stage in range(max(cfg.stage, 2), 4):
-        seconds[f"stage{stage}"] = run_stage(model, stage, task, memorized, cfg, train_pass)
+        memorized, first = None, 1
+    if cfg.max_len > model.config.block_size:
+        raise SystemExit(f"train.py: --max_len={cfg.max_len} exceeds the model's {model.config.block_size} positions")
+    for stage in range(first, 4):
+        seconds[f"stage{stage}"] = run_stage(model, stage, task, memorized, cfg, train_pass,
+                                             resume if stage == first else None)
+        if stage == 1:  # the hardness of every training input, by the stage-1 heads
+            train_pass = all_layers(model, task["train"], cfg)
+            memorized = memorized_of(*train_pass[1:])
+            print("memorized layer of the training inputs: " + shares(memorized, model.config.n_layer))
+            print(f"reward-optimal exit layer (knowing the labels) at alpha {cfg.alpha}: " +
+                  shares(best_exits(*train_pass[1:], memorized, cfg.alpha), model.config.n_layer))
         save(model, stage, memorized, cfg)
     evaluate_and_report(task["test"], cfg, seconds)
 

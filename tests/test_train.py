@@ -87,11 +87,16 @@ def run(args, cwd):
                           timeout=600)
 
 
-def test_smoke_run_writes_report_and_reruns_a_stage(tmp_path):
-    """MiniLM on a small task file of the user's kind, two optimiser steps per stage, the full evaluation."""
+def write_task(folder):
+    """A small task file of the user's kind: 120 rows of text,label."""
     words = ["good", "great", "fine", "bad", "awful", "dull"]
     rows = [f"{words[i % 6]} film number {i},{'pos' if i % 6 < 3 else 'neg'}" for i in range(120)]
-    (tmp_path / "task.csv").write_text("text,label\n" + "\n".join(rows) + "\n")
+    (folder / "task.csv").write_text("text,label\n" + "\n".join(rows) + "\n")
+
+
+def test_smoke_run_writes_report_and_reruns_a_stage(tmp_path):
+    """MiniLM on a small task file, two optimiser steps per stage, the full evaluation."""
+    write_task(tmp_path)
     out = tmp_path / "out"
     r = run(["--task=task.csv", "--max_steps=2", f"--out_dir={out}"], tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
@@ -117,4 +122,4 @@ def test_smoke_run_writes_report_and_reruns_a_stage(tmp_path):
 
 def test_missing_checkpoint_is_one_line(tmp_path):
     r = run(["--stage=2", f"--out_dir={tmp_path}"], tmp_path)
-    assert r.returncode == 1 and "needs" in r.stderr and "Traceback" not in r.stderr
+    assert r.returncode == 1 and "stage1.pt is missing" in r.stderr and "Traceback" not in r.stderr

@@ -1,0 +1,114 @@
+"""Faults: bad checkpoints, code in pickles, a full disk, NaN losses, and the same seed giving the same report."""
+import json
+import os
+
+import pytest
+import torch
+from datasets import Dataset
+
+import train
+from model import Config, Encoder, read_checkpoint
+from test_train import run, write_task
+
+
+class Evil:
+    """Unpickling this would run a shell command."""
+
+    def __reduce__(self):
+        return os.system, ("touch pwned",)
+
+
+def tiny_cfg(tmp_path, **kw):
+    return train.TrainConfig(out_dir=str(tmp_path), device="cpu", max_steps=2, **kw)
+
+
+def tiny_model():
+    torch.manual_seed(0)
+    return Encoder(Config(n_layer=2, n_head=2, n_embd=16, n_inner=32, vocab_size=50, block_size=16))
+
+
+def test_checkpoint_that_would_run_code_is_refused(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    torch.save({"model": Evil()}, tmp_path / "stage1.pt")
+    with pytest.raises(SystemExit, match="cannot load .*stage1.pt"):
+        train.load("stage1.pt", tiny_cfg(tmp_path))
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    torch.save({"x": Evil()}, tmp_path / "pytorch_model.bin")
+    with pytest.raises(ValueError, match="cannot read .*pytorch_model.bin"):
+        read_checkpoint(str(tmp_path))
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_truncated_checkpoint_is_one_clear_error(tmp_path):
+    model = tiny_model()
+    cfg = tiny_cfg(tmp_path)
+    train.save(model, 1, torch.ones(3, dtype=torch.long), cfg)
+    data = (tmp_path / "stage1.pt").read_bytes()
+    (tmp_path / "stage1.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(SystemExit, match="cannot load"):
+        train.load("stage1.pt", cfg)
+
+
+def test_full_disk_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    model, cfg = tiny_model(), tiny_cfg(tmp_path)
+    train.save(model, 1, torch.ones(3, dtype=torch.long), cfg)
+    before = (tmp_path / "stage1.pt").read_bytes()
+
+    def full_disk(obj, path):
+        with open(path, "wb") as f:
+            f.write(b"half")
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(SystemExit, match="No space left on device.*previous file there is kept"):
+        train.save(model, 1, torch.ones(3, dtype=torch.long), cfg)
+    assert (tmp_path / "stage1.pt").read_bytes() == before and not (tmp_path / "stage1.pt.tmp").exists()
+
+
+def test_non_finite_loss_stops_at_the_step(tmp_path):
+    model = tiny_model()
+    with torch.no_grad():
+        model.heads[1].weight.fill_(float("nan"))
+    split = Dataset.from_dict({"input_ids": [[1, 5, 6, 2]] * 8, "label": [0, 1] * 4})
+    with pytest.raises(SystemExit, match=r"non-finite \['logits'\] at stage 1 step 1"):
+        train.run_stage(model, 1, {"train": split}, None, tiny_cfg(tmp_path, batch_size=4))
+
+
+def test_same_seed_same_report(tmp_path):
+    write_task(tmp_path)
+    reports = []
+    for out in ("a", "b"):
+        r = run(["--task=task.csv", "--max_steps=3", f"--out_dir={out}"], tmp_path)
+        assert r.returncode == 0, r.stderr[-2000:]
+        report = json.loads((tmp_path / out / "report.json").read_text())
+        report.pop("seconds"), report["config"].pop("out_dir")
+        reports.append(report)
+    assert reports[0] == reports[1]
+
+
+@pytest.mark.parametrize("kill_at,stage", [(2, 1), (5, 2), (8, 3)])  # 3 optimiser steps per stage
+def test_resume_after_a_kill_ends_with_the_same_weights(tmp_path, monkeypatch, kill_at, stage):
+    """Kill a run at an optimiser step, resume it: the same final weights, bit for bit."""
+    monkeypatch.chdir(tmp_path)
+    write_task(tmp_path)
+    args = ["--task=task.csv", "--max_steps=3", "--ckpt_interval=1"]
+    train.main(args + ["--out_dir=whole"])
+    steps, real_step = 0, torch.optim.AdamW.step
+
+    def killed(self, *a, **kw):
+        nonlocal steps
+        steps += 1
+        if steps == kill_at:
+            raise KeyboardInterrupt
+        return real_step(self, *a, **kw)
+    monkeypatch.setattr(torch.optim.AdamW, "step", killed)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(args + ["--out_dir=killed"])
+    monkeypatch.setattr(torch.optim.AdamW, "step", real_step)
+    assert torch.load("killed/resume.pt", weights_only=True)["stage"] == stage
+    assert not os.path.exists(f"killed/stage{stage}.pt")
+    train.main(args + ["--out_dir=killed", "--resume=true"])
+    want = torch.load("whole/stage3.pt", weights_only=True)["model"]
+    got = torch.load("killed/stage3.pt", weights_only=True)["model"]
+    assert all(torch.equal(want[k], got[k]) for k in want)
+    with pytest.raises(SystemExit, match="was trained with --alpha=0.1, not 0.5"):
+        train.main(args + ["--out_dir=killed", "--resume=true", "--alpha=0.5"])
