@@ -19,14 +19,14 @@ import json
 import os
 import sys
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 
 import cee
 import data
 from model import Config, Decoder
-from train import pick_device
+from train import overrides, pick_device
 
 
 @dataclass
@@ -45,17 +45,7 @@ class GenConfig:
 
 
 def parse_args(argv):
-    cfg, types = GenConfig(), {f.name: f.type for f in fields(GenConfig)}
-    for arg in argv:
-        key, eq, value = arg.removeprefix("--").partition("=")
-        if key == "json" and not eq:
-            value, eq = "true", "="
-        if not arg.startswith("--") or not eq or key not in types:
-            raise SystemExit(f"generate.py: unknown option {arg!r}; options: " + " ".join(f"--{k}=" for k in types))
-        try:
-            setattr(cfg, key, value.lower() in ("1", "true") if types[key] is bool else types[key](value))
-        except ValueError:
-            raise SystemExit(f"generate.py: --{key} expects {types[key].__name__}, got {value!r}") from None
+    cfg = overrides(GenConfig(), argv, "generate.py", __doc__)
     for ok, msg in [(cfg.exit in ("none", "policy", "confidence", "speculative"),
                      f"unknown --exit={cfg.exit}; use none, policy, confidence or speculative"),
                     (cfg.ckpt, "--ckpt is required"), (cfg.prompt, "the prompt is empty"),

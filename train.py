@@ -60,26 +60,33 @@ class TrainConfig:
     resume: bool = False         # continue from out_dir/resume.pt exactly where the last run stopped
 
 
-def parse_args(argv):
-    """--key=value overrides, each checked against the type of TrainConfig's field."""
+def overrides(cfg, argv, prog, doc):
+    """
+    Apply --key=value arguments to the dataclass cfg, each value checked against its field's type
+    (a bare --flag sets a bool). --help prints doc and the dataclass with its comments.
+    """
     if "--help" in argv or "-h" in argv:
-        print(__doc__.strip() + "\n\n" + inspect.getsource(TrainConfig))
+        print(doc.strip() + "\n\n" + inspect.getsource(type(cfg)))
         sys.exit(0)
-    cfg, types = TrainConfig(), {f.name: f.type for f in fields(TrainConfig)}
+    types = {f.name: f.type for f in fields(cfg)}
     for arg in argv:
         key, eq, value = arg.removeprefix("--").partition("=")
-        if not arg.startswith("--") or not eq or key not in types:
-            raise SystemExit(f"train.py: unknown option {arg!r}; options are --key=value, see --help")
+        if not eq and types.get(key) is bool:
+            value = "true"
+        if not arg.startswith("--") or key not in types or not (eq or types[key] is bool):
+            raise SystemExit(f"{prog}: unknown option {arg!r}; options are --key=value, see --help")
         t = types[key]
         try:
-            if t is bool:
-                if value.lower() not in ("true", "false", "1", "0"):
-                    raise ValueError
-                setattr(cfg, key, value.lower() in ("true", "1"))
-            else:
-                setattr(cfg, key, t(value))
+            if t is bool and value.lower() not in ("true", "false", "1", "0"):
+                raise ValueError
+            setattr(cfg, key, value.lower() in ("true", "1") if t is bool else t(value))
         except ValueError:
-            raise SystemExit(f"train.py: --{key} expects {t.__name__}, got {value!r}") from None
+            raise SystemExit(f"{prog}: --{key} expects {t.__name__}, got {value!r}") from None
+    return cfg
+
+
+def parse_args(argv):
+    cfg = overrides(TrainConfig(), argv, "train.py", __doc__)
     checks = [(cfg.alpha >= 0, "--alpha must be >= 0"), (cfg.K >= 1, "--K must be >= 1"),
               (cfg.stage in (1, 2, 3), "--stage must be 1, 2 or 3"), (cfg.max_steps >= 0, "--max_steps must be >= 0"),
               (cfg.estimator in ("reinforce", "exact"), "--estimator must be reinforce or exact"),
