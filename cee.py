@@ -6,10 +6,13 @@ ConsistentEE (Zeng et al., AAAI 2024, arXiv 2312.11882): the parts of the method
 - ExitRule: when to stop at inference; the learned policy, and the classic rules on the same model:
   a fixed layer, entropy (DeeBERT, Xin et al. 2020), patience (PABEE), max probability.
 - early_exit: batched inference that runs one layer at a time and drops the rows that exited.
-- exit_layers: the same rules applied to every layer's precomputed outputs, for cheap sweeps.
+- exit_layers, sweep: the same rules applied to every layer's precomputed outputs, for cheap sweeps;
+  grids, best_speedups, rank_correlation: how the sweeps are set and read.
 The policy-gradient maths is in rl.py, the backbones and the policy network in model.py.
 """
 from dataclasses import dataclass
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -156,8 +159,41 @@ def sweep(name, params, logits, labels, p=None):
     points = []
     for v in params:
         exits = exit_layers(ExitRule(name, v), logits, p)  # (B,)
-        preds = logits[torch.arange(B, device=logits.device), exits - 1].argmax(-1)  # (B,) the prediction of each input's exit head
+        preds = logits[torch.arange(B, device=logits.device), exits - 1].argmax(-1)  # (B,) each exit head's answer
         avg = exits.float().mean().item()
         points.append({"name": name, "param": v, "accuracy": (preds == labels).float().mean().item(),
                        "avg_layers": avg, "speedup": L / avg})
     return points
+
+
+def grids(L, n_labels):
+    """The knob values swept for each rule (entropy in units of the uniform entropy log n)."""
+    frac = [0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]
+    return {"consistentee": [0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99],
+            "static": list(range(1, L + 1)), "patience": list(range(1, L)),
+            "entropy": [f * math.log(n_labels) for f in frac],
+            "maxprob": [1 - f * (1 - 1 / n_labels) for f in frac]}
+
+
+def best_speedups(methods, full_accuracy):
+    """Each method's best speed-up at no accuracy loss, and within 1 point of full depth."""
+    out = {}
+    for name in dict.fromkeys(m["name"] for m in methods):
+        pts = [m for m in methods if m["name"] == name]
+        out[name] = {regime: max((m["speedup"] for m in pts if m["accuracy"] >= full_accuracy - tol), default=None)
+                     for regime, tol in (("no_loss", 1e-9), ("within_1_point", 0.01))}
+    return out
+
+
+def rank_correlation(a, b):
+    """Spearman's rho: Pearson correlation of the ranks, ties given their mean rank."""
+    def ranks(x):
+        x = x.cpu().double()
+        r = torch.empty_like(x)
+        r[x.argsort()] = torch.arange(len(x), dtype=torch.double)
+        for v in x.unique():  # ties share the mean of their ranks
+            r[x == v] = r[x == v].mean()
+        return r
+    ra, rb = ranks(a), ranks(b)
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    return ((ra * rb).sum() / (ra.norm() * rb.norm()).clamp(min=1e-12)).item()

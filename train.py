@@ -18,6 +18,7 @@ import time
 from dataclasses import asdict, dataclass, fields
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
@@ -25,6 +26,16 @@ import cee
 import data
 import rl
 from model import Config, Encoder
+
+
+# Under torchrun every process runs this whole script on its share of each batch (data parallel).
+RANK, WORLD = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+MASTER = RANK == 0  # only this process writes checkpoints and reports, and prints
+
+
+def log(*args):
+    if MASTER:
+        print(*args, flush=True)
 
 
 @dataclass
@@ -164,6 +175,32 @@ def all_layers(model, split, cfg):
     return [torch.cat(parts) for parts in zip(*out)]
 
 
+def gathered_layers(model, split, cfg):
+    """all_layers of a whole split, each process computing a contiguous shard, then shared by all."""
+    if WORLD == 1:
+        return all_layers(model, split, cfg)
+    parts = [None] * WORLD
+    dist.all_gather_object(parts, [t.cpu() for t in all_layers(model, split.shard(WORLD, RANK, contiguous=True), cfg)])
+    return [torch.cat(shards).to(cfg.device) for shards in zip(*parts)]
+
+
+def my_share(batch):
+    """This process's rows of a global batch: every process sees the same batches, each takes a slice."""
+    n = len(batch["index"])
+    lo, hi = RANK * n // WORLD, (RANK + 1) * n // WORLD
+    return {k: v[lo:hi] for k, v in batch.items()}
+
+
+def check_replicas(model, stage):
+    """Every process must hold the same weights: compare each tensor's sum and sum of squares."""
+    mine = torch.stack([torch.stack([p.double().sum(), p.double().square().sum()]) for p in model.state_dict().values()])
+    everyone = [None] * WORLD
+    dist.all_gather_object(everyone, mine.cpu())
+    if not all(torch.equal(everyone[0], other) for other in everyone):
+        raise SystemExit(f"train.py: the {WORLD} processes hold different weights after stage {stage}")
+    log(f"replicas identical after stage {stage} ({WORLD} processes)")
+
+
 def run_stage(model, stage, task, memorized, cfg, train_pass=None, resume=None):
     """
     One optimiser loop for any stage: what changes is the parameters, the data and stage_loss.
@@ -173,7 +210,7 @@ def run_stage(model, stage, task, memorized, cfg, train_pass=None, resume=None):
     if stage == 2:  # frozen backbone: the states of every input are computed once
         split = task[cfg.policy_split]
         if cfg.policy_split != "train" or train_pass is None:
-            train_pass = all_layers(model, split, cfg)
+            train_pass = gathered_layers(model, split, cfg)
         s_all, logits_all, labels_all = train_pass
         mem_all = memorized if cfg.policy_split == "train" else memorized_of(logits_all, labels_all)
         params = list(model.policies.parameters())
@@ -204,12 +241,15 @@ def run_stage(model, stage, task, memorized, cfg, train_pass=None, resume=None):
 
     model.train()
     t0 = time.time()
-    bar = tqdm(total=total, initial=step, desc=f"stage {stage}", file=sys.stderr, dynamic_ncols=True)
+    bar = tqdm(total=total, initial=step, desc=f"stage {stage}", file=sys.stderr, dynamic_ncols=True,
+               disable=not MASTER)
     while step < total:
         batch_rng = g.get_state()  # where this epoch's shuffle starts, for resume.pt
         for j, b in enumerate(epoch_batches(epoch)):
             if j < skip:  # done before the run was stopped
                 continue
+            if WORLD > 1:
+                b = my_share(b)
             if stage == 2:
                 i = b["index"]
                 s, logits, labels, mem = s_all[i], logits_all[i], labels_all[i], mem_all[i]
@@ -224,6 +264,11 @@ def run_stage(model, stage, task, memorized, cfg, train_pass=None, resume=None):
                                  f"at stage {stage} step {step + 1}; stopped, the saved checkpoints are kept")
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            if WORLD > 1:  # what DistributedDataParallel does: average the gradients of all processes
+                for p in params:
+                    if p.grad is not None:
+                        dist.all_reduce(p.grad)
+                        p.grad /= WORLD
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
             sched.step()
@@ -235,7 +280,7 @@ def run_stage(model, stage, task, memorized, cfg, train_pass=None, resume=None):
                     "stage": stage, "memorized": memorized, "optimizer": opt.state_dict(),
                     "scheduler": sched.state_dict(), "step": step, "epoch": epoch, "batch": j + 1,
                     "rng": torch.get_rng_state(), "batch_rng": batch_rng})
-            if step % cfg.log_interval == 0 or step == total:
+            if MASTER and (step % cfg.log_interval == 0 or step == total):
                 kv = " ".join(f"{k} {v:.4f}" for k, v in logs.items())
                 tqdm.write(f"stage {stage} step {step}/{total} {kv} lr {sched.get_last_lr()[0]:.2e} "
                            f"s/step {(time.time() - t0) / step:.3f}", file=sys.stderr)
@@ -262,6 +307,8 @@ def shares(layers, L):
 
 def write(path, checkpoint):
     """torch.save to a temporary file, then rename: a killed run or a full disk never spoils path."""
+    if not MASTER:
+        return
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     try:
         torch.save(checkpoint, path + ".tmp")
@@ -302,29 +349,6 @@ def load(name, cfg, must_match=SAME_DATA_AND_MODEL):
 # -----------------------------------------------------------------------------
 # evaluation: ConsistentEE against the classic exit rules, on the test split
 
-def grids(L, n_labels):
-    """The knob values swept for each rule (entropy in units of the uniform entropy log n)."""
-    frac = [0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]
-    return {"consistentee": [0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99],
-            "static": list(range(1, L + 1)), "patience": list(range(1, L)),
-            "entropy": [f * math.log(n_labels) for f in frac],
-            "maxprob": [1 - f * (1 - 1 / n_labels) for f in frac]}
-
-
-def rank_correlation(a, b):
-    """Spearman's rho: Pearson correlation of the ranks, ties given their mean rank."""
-    def ranks(x):
-        x = x.cpu().double()
-        r = torch.empty_like(x)
-        r[x.argsort()] = torch.arange(len(x), dtype=torch.double)
-        for v in x.unique():  # ties share the mean of their ranks
-            r[x == v] = r[x == v].mean()
-        return r
-    ra, rb = ranks(a), ranks(b)
-    ra, rb = ra - ra.mean(), rb - rb.mean()
-    return ((ra * rb).sum() / (ra.norm() * rb.norm()).clamp(min=1e-12)).item()
-
-
 def timed_exits(model, split, rule, cfg):
     """Wall-clock seconds of early-exit inference over a split, batches of 64 built beforehand."""
     model.eval()
@@ -345,7 +369,7 @@ def evaluate_and_report(test, cfg, seconds):
     with torch.no_grad():
         p2, p3 = policy_probs(m2, s1, lg1), policy_probs(m3, s3, lg3)
     L, n = lg1.shape[1:]
-    g = grids(L, n)
+    g = cee.grids(L, n)
     methods = cee.sweep("consistentee", g["consistentee"], lg3, y, p3)
     for name in ("static", "entropy", "patience", "maxprob"):
         methods += cee.sweep(name, g[name], lg1, y)
@@ -361,11 +385,11 @@ def evaluate_and_report(test, cfg, seconds):
               "methods": methods, "seconds": seconds, "config": asdict(cfg),
               "final_full_depth_accuracy": (lg3[:, -1].argmax(-1) == y).float().mean().item(),
               "stage2_policy": stage2,
-              "best_speedup": best_speedups(methods + [{**m, "name": "consistentee_stage2"} for m in stage2], full),
+              "best_speedup": cee.best_speedups(methods + [{**m, "name": "consistentee_stage2"} for m in stage2], full),
               "exit_by_memorized_layer": {"mean_exit": buckets, "count": {l: int((memorized == l).sum())
                                                                           for l in buckets},
                                           "threshold": cfg.threshold,
-                                          "rank_correlation": rank_correlation(memorized, exits)}}
+                                          "rank_correlation": cee.rank_correlation(memorized, exits)}}
     path = os.path.join(cfg.out_dir, "report.json")
     with open(path + ".tmp", "w") as f:
         json.dump(report, f, indent=1)
@@ -373,16 +397,6 @@ def evaluate_and_report(test, cfg, seconds):
     print_table(report)
     plot(report, os.path.join(cfg.out_dir, "tradeoff.png"))
     return report
-
-
-def best_speedups(methods, full_accuracy):
-    """Each method's best speed-up at no accuracy loss, and within 1 point of full depth."""
-    out = {}
-    for name in dict.fromkeys(m["name"] for m in methods):
-        pts = [m for m in methods if m["name"] == name]
-        out[name] = {regime: max((m["speedup"] for m in pts if m["accuracy"] >= full_accuracy - tol), default=None)
-                     for regime, tol in (("no_loss", 1e-9), ("within_1_point", 0.01))}
-    return out
 
 
 def print_table(r):
@@ -425,6 +439,13 @@ def plot(r, path):
 def main(argv):
     cfg = parse_args(argv)
     cfg.device = pick_device(cfg.device)
+    if WORLD > 1:  # started by torchrun
+        if cfg.batch_size % WORLD:
+            raise SystemExit(f"train.py: --batch_size={cfg.batch_size} must be a multiple of the {WORLD} processes")
+        dist.init_process_group("nccl" if cfg.device.startswith("cuda") else "gloo")
+        if cfg.device.startswith("cuda"):
+            cfg.device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+            torch.cuda.set_device(cfg.device)
     torch.manual_seed(cfg.seed)
     try:
         path = data.minilm_path() if cfg.init == "minilm" else cfg.init
@@ -432,7 +453,7 @@ def main(argv):
         task = data.load_task(cfg.task, tok, max_len=cfg.max_len, seed=cfg.seed)
     except (OSError, ValueError, RuntimeError) as e:
         raise SystemExit(f"train.py: {e}") from None
-    print(f"task {cfg.task}: " + ", ".join(f"{k} {len(task[k])}" for k in ("train", "validation", "test")))
+    log(f"task {cfg.task}: " + ", ".join(f"{k} {len(task[k])}" for k in ("train", "validation", "test")))
     seconds, resume, train_pass = {}, None, None
     if cfg.resume:  # the run must be the one that wrote resume.pt, but for where it writes and logs
         same = [f.name for f in fields(TrainConfig) if f.name not in ("out_dir", "resume", "device", "log_interval")]
@@ -454,13 +475,18 @@ def main(argv):
         seconds[f"stage{stage}"] = run_stage(model, stage, task, memorized, cfg, train_pass,
                                              resume if stage == first else None)
         if stage == 1:  # the hardness of every training input, by the stage-1 heads
-            train_pass = all_layers(model, task["train"], cfg)
+            train_pass = gathered_layers(model, task["train"], cfg)
             memorized = memorized_of(*train_pass[1:])
-            print("memorized layer of the training inputs: " + shares(memorized, model.config.n_layer))
-            print(f"reward-optimal exit layer (knowing the labels) at alpha {cfg.alpha}: " +
+            log("memorized layer of the training inputs: " + shares(memorized, model.config.n_layer))
+            log(f"reward-optimal exit layer (knowing the labels) at alpha {cfg.alpha}: " +
                   shares(best_exits(*train_pass[1:], memorized, cfg.alpha), model.config.n_layer))
         save(model, stage, memorized, cfg)
-    evaluate_and_report(task["test"], cfg, seconds)
+        if WORLD > 1:
+            check_replicas(model, stage)
+    if MASTER:
+        evaluate_and_report(task["test"], cfg, seconds)
+    if WORLD > 1:
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -60,6 +60,20 @@ def test_sweep_reports_accuracy_and_speedup():
     assert [(p["accuracy"], p["avg_layers"], p["speedup"]) for p in pts] == [(0.5, 1.0, 2.0), (1.0, 2.0, 1.0)]
 
 
+@pytest.mark.parametrize("a,b,rho", [([1, 2, 3], [1, 2, 3], 1.0), ([1, 2, 3], [3, 2, 1], -1.0),
+                                     ([1, 1, 2], [1, 2, 3], 1.5 / math.sqrt(3)),  # ranks [.5 .5 2] vs [0 1 2]
+                                     ([4, 4, 4], [1, 2, 3], 0.0)])  # a constant has no rank order
+def test_rank_correlation(a, b, rho):
+    assert cee.rank_correlation(torch.tensor(a), torch.tensor(b)) == pytest.approx(rho)
+
+
+def test_best_speedups_in_both_regimes():
+    pts = [{"name": "x", "accuracy": 0.80, "speedup": 1.5}, {"name": "x", "accuracy": 0.795, "speedup": 2.0},
+           {"name": "x", "accuracy": 0.70, "speedup": 3.0}, {"name": "y", "accuracy": 0.5, "speedup": 2.0}]
+    assert cee.best_speedups(pts, 0.80) == {"x": {"no_loss": 1.5, "within_1_point": 2.0},
+                                            "y": {"no_loss": None, "within_1_point": None}}
+
+
 @pytest.fixture(scope="module")
 def encoder():
     torch.manual_seed(0)

@@ -1,6 +1,8 @@
 """Faults: bad checkpoints, code in pickles, a full disk, NaN losses, and the same seed giving the same report."""
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -112,3 +114,20 @@ def test_resume_after_a_kill_ends_with_the_same_weights(tmp_path, monkeypatch, k
     assert all(torch.equal(want[k], got[k]) for k in want)
     with pytest.raises(SystemExit, match="was trained with --alpha=0.1, not 0.5"):
         train.main(args + ["--out_dir=killed", "--resume=true", "--alpha=0.5"])
+
+
+def test_two_processes_train_identical_replicas(tmp_path):
+    """torchrun with 2 CPU processes (gloo): every stage keeps the replicas identical, and the result
+    is the one process's within noise (only dropout draws differ)."""
+    write_task(tmp_path)
+    args = [str(train.__file__), "--task=task.csv", "--max_steps=2", "--batch_size=8"]
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        *args, "--out_dir=two"], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert all(f"replicas identical after stage {s} (2 processes)" in r.stdout for s in (1, 2, 3))
+    assert r.stdout.count("full depth (stage 1)") == 1  # one report, from rank 0
+    r = subprocess.run([sys.executable, *args, "--out_dir=one"], cwd=tmp_path, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    one, two = (torch.load(tmp_path / d / "stage1.pt", weights_only=True)["model"] for d in ("one", "two"))
+    assert max((one[k] - two[k]).abs().max().item() for k in one) < 1e-2
