@@ -232,6 +232,8 @@ def run_stage(model, stage, task, memorized, cfg, train_pass=None, resume=None):
         step, epoch, skip = resume["step"], resume["epoch"], resume["batch"]
         torch.set_rng_state(resume["rng"])
         g.set_state(resume["batch_rng"])
+        if resume["cuda_rng"] is not None:
+            torch.cuda.set_rng_state(resume["cuda_rng"])
 
     def epoch_batches(epoch):
         if stage == 2:  # the cached states are indexed directly: no tokens to pad
@@ -279,7 +281,8 @@ def run_stage(model, stage, task, memorized, cfg, train_pass=None, resume=None):
                     "model": model.state_dict(), "model_config": asdict(model.config), "config": asdict(cfg),
                     "stage": stage, "memorized": memorized, "optimizer": opt.state_dict(),
                     "scheduler": sched.state_dict(), "step": step, "epoch": epoch, "batch": j + 1,
-                    "rng": torch.get_rng_state(), "batch_rng": batch_rng})
+                    "rng": torch.get_rng_state(), "batch_rng": batch_rng,
+                    "cuda_rng": torch.cuda.get_rng_state() if cfg.device.startswith("cuda") else None})
             if MASTER and (step % cfg.log_interval == 0 or step == total):
                 kv = " ".join(f"{k} {v:.4f}" for k, v in logs.items())
                 tqdm.write(f"stage {stage} step {step}/{total} {kv} lr {sched.get_last_lr()[0]:.2e} "
