@@ -5,7 +5,7 @@ Train ConsistentEE on a classification task, in the three stages of the paper (Z
   3. everything: the classification loss only at each input's sampled exit, plus the policy loss
 then evaluate ConsistentEE against the classic exit rules on the test split.
 
-    python train.py                          # Rotten Tomatoes, all-MiniLM-L6-v2, ~10 minutes on 2 cores
+    python train.py                          # Rotten Tomatoes, all-MiniLM-L6-v2, ~7.5 minutes on 2 cores
     python train.py --alpha=0.05 --stage=2   # rerun stage 2 (and 3) from out/stage1.pt
     python train.py --help                   # every option
 """
@@ -42,7 +42,7 @@ def log(*args):
 class TrainConfig:
     task: str = "rotten_tomatoes"  # rotten_tomatoes, imdb, or a .csv/.json/.jsonl file with text, label
     init: str = "minilm"         # "minilm" (all-MiniLM-L6-v2) or a local Hugging Face BERT folder
-    out_dir: str = "out"         # checkpoints stage{1,2,3}.pt, report.json, tradeoff.png
+    out_dir: str = "out"         # stage{1,2,3}.pt, resume.pt, report.json, tradeoff.png
     seed: int = 1337
     stage: int = 1               # first stage to run; 2 or 3 start from the previous stage's checkpoint
     max_steps: int = 0           # cap on each stage's optimiser steps, 0 = none (for smoke runs)
