@@ -190,7 +190,7 @@ def main(argv):
 
     def step(stage):
         logits, s = model(batch["input_ids"], batch["attention_mask"])
-        loss, _ = train.stage_loss(model, stage, s, logits, batch["labels"], memorized, cfg)
+        loss, _ = cee.stage_loss(model, stage, s, logits, batch["labels"], memorized, cfg)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -1,22 +1,24 @@
 """
-ConsistentEE (Zeng et al., AAAI 2024, arXiv 2312.11882): the parts of the method that are not RL.
+ConsistentEE (Zeng et al., AAAI 2024, arXiv 2312.11882): the method, from losses to inference.
 
-- exit_ce, weighted_exit_loss: stage 1 trains every exit head, deeper heads weighted more (PABEE, Zhou et al. 2020).
+- exit_ce, weighted_exit_loss: stage 1 trains every exit head, deeper ones weighted more (PABEE).
 - memorized_layer: the per-input hardness that shapes the reward (paper Sec. "Memorized Layer").
+- policy_probs, stage_loss: the loss of each training stage; 2 and 3 add the policy gradient (rl.py).
 - ExitRule: when to stop at inference; the learned policy, and the classic rules on the same model:
   a fixed layer, entropy (DeeBERT, Xin et al. 2020), patience (PABEE), max probability.
 - early_exit: batched inference that runs one layer at a time and drops the rows that exited.
 - exit_layers, sweep: the same rules applied to every layer's precomputed outputs, for cheap sweeps;
   grids, best_speedups, rank_correlation: how the sweeps are set and read.
-The policy-gradient maths is in rl.py, the backbones and the policy network in model.py.
+The policy-gradient maths is in rl.py, the backbones and the policy network in model.py, the
+training loop in train.py.
 """
-from dataclasses import dataclass
-
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+import rl
 from model import confidence
 
 
@@ -47,6 +49,49 @@ def memorized_layer(preds, labels):
     layers = torch.arange(1, L + 1, device=preds.device)  # (L,)
     last_wrong = (wrong * layers).max(1).values  # (B,) deepest wrong head, 0 if none
     return (last_wrong + 1).clamp(max=L)
+
+
+def policy_probs(model, s, logits):
+    """p (B, L): each layer's exit probability from its policy; the last layer always exits (p_L = 1)."""
+    L = logits.size(1)
+    p = [model.policies[l](model.policy_input(s[:, l], logits[:, l])) for l in range(L - 1)]
+    return torch.stack(p + [s.new_ones(s.size(0))], 1)
+
+
+def stage_loss(model, stage, s, logits, labels, memorized, cfg):
+    """
+    The loss of one batch in training stage 1, 2 or 3 (one function, so the stages cannot drift apart).
+    s (B, L, C) exit states, logits (B, L, n) every head's output, labels (B,), memorized (B,) the
+    inputs' memorized layers; cfg gives alpha, K and estimator. Returns (loss, {name: value} to log).
+    """
+    if stage == 1:
+        loss = weighted_exit_loss(logits, labels)
+        return loss, {"loss/cls": loss.item()}
+    L = logits.size(1)
+    ce = exit_ce(logits, labels)  # (B, L)
+    # The policy learns from the reward only: it reads detached states, so no noisy REINFORCE gradient
+    # reaches the backbone; in stage 3 the backbone learns from the loss at the exits actually taken.
+    p = policy_probs(model, s.detach(), logits.detach())  # (B, L)
+    reward = rl.reward_table(ce.detach(), memorized, cfg.alpha)  # (B, L) reward of exiting at each layer
+    if cfg.estimator == "exact":
+        weights = rl.exit_distribution(p).detach()  # (B, L)
+        policy_loss = rl.expected_reward_loss(p, reward)
+    else:
+        exits, log_prob = rl.sample_exits(p, cfg.K)  # (K, B): K trajectories from this one pass
+        weights = F.one_hot(exits - 1, L).float().mean(0)  # (B, L) share of the K trajectories exiting at l
+        policy_loss = rl.reinforce_loss(log_prob, reward.T.gather(0, exits - 1))
+    layers = torch.arange(1, L + 1, device=p.device)  # (L,)
+    logs = {"loss/policy": policy_loss.item(), "exit/mean": (weights * layers).sum(1).mean().item()}
+    if stage == 2:
+        return policy_loss, logs
+    cls_loss = (weights * ce).sum(1).mean()  # consistent: CE only where the input exits
+    logs["loss/cls"] = cls_loss.item()
+    return cls_loss + policy_loss, logs
+
+
+def best_exits(logits, labels, memorized, alpha):
+    """The exit layer (B,) with the highest hardness reward: what a policy that knew the label would pick."""
+    return rl.reward_table(exit_ce(logits, labels), memorized, alpha).argmax(1) + 1
 
 
 @dataclass

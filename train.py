@@ -19,12 +19,10 @@ from dataclasses import asdict, dataclass, fields
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from tqdm import tqdm
 
 import cee
 import data
-import rl
 from model import Config, Encoder
 
 
@@ -120,46 +118,6 @@ def pick_device(name):
     if not available.get(name.split(":")[0]):
         raise SystemExit(f"train.py: device {name!r} is not available here; use auto, cpu, cuda or mps")
     return name
-
-
-# -----------------------------------------------------------------------------
-# the method: one loss function serves all three stages
-
-def policy_probs(model, s, logits):
-    """p (B, L): each layer's exit probability from its policy; the last layer always exits (p_L = 1)."""
-    L = logits.size(1)
-    p = [model.policies[l](model.policy_input(s[:, l], logits[:, l])) for l in range(L - 1)]
-    return torch.stack(p + [s.new_ones(s.size(0))], 1)
-
-
-def stage_loss(model, stage, s, logits, labels, memorized, cfg):
-    """
-    The loss of one batch. s (B, L, C) exit states, logits (B, L, n) every head's output, labels (B,),
-    memorized (B,) the inputs' memorized layers. Returns (loss, {name: value} to log).
-    """
-    if stage == 1:
-        loss = cee.weighted_exit_loss(logits, labels)
-        return loss, {"loss/cls": loss.item()}
-    L = logits.size(1)
-    ce = cee.exit_ce(logits, labels)  # (B, L)
-    # The policy learns from the reward only: it reads detached states, so no noisy REINFORCE gradient
-    # reaches the backbone; in stage 3 the backbone learns from the loss at the exits actually taken.
-    p = policy_probs(model, s.detach(), logits.detach())  # (B, L)
-    reward = rl.reward_table(ce.detach(), memorized, cfg.alpha)  # (B, L) reward of exiting at each layer
-    if cfg.estimator == "exact":
-        weights = rl.exit_distribution(p).detach()  # (B, L)
-        policy_loss = rl.expected_reward_loss(p, reward)
-    else:
-        exits, log_prob = rl.sample_exits(p, cfg.K)  # (K, B): K trajectories from this one pass
-        weights = F.one_hot(exits - 1, L).float().mean(0)  # (B, L) share of the K trajectories exiting at l
-        policy_loss = rl.reinforce_loss(log_prob, reward.T.gather(0, exits - 1))
-    layers = torch.arange(1, L + 1, device=p.device)  # (L,)
-    logs = {"loss/policy": policy_loss.item(), "exit/mean": (weights * layers).sum(1).mean().item()}
-    if stage == 2:
-        return policy_loss, logs
-    cls_loss = (weights * ce).sum(1).mean()  # consistent: CE only where the input exits
-    logs["loss/cls"] = cls_loss.item()
-    return cls_loss + policy_loss, logs
 
 
 @torch.no_grad()
@@ -259,7 +217,7 @@ def run_stage(model, stage, task, memorized, cfg, train_pass=None, resume=None):
                 logits, s = model(b["input_ids"], b["attention_mask"])
                 labels = b["labels"]
                 mem = None if memorized is None else memorized[b["index"]]  # stage 1 has none yet
-            loss, logs = (stage_loss(model, stage, s, logits, labels, mem, cfg) if torch.isfinite(logits).all()
+            loss, logs = (cee.stage_loss(model, stage, s, logits, labels, mem, cfg) if torch.isfinite(logits).all()
                           else (None, {"logits": math.nan}))
             if not all(math.isfinite(v) for v in logs.values()):  # a NaN/inf in logits, losses or rewards
                 raise SystemExit(f"train.py: non-finite {[k for k, v in logs.items() if not math.isfinite(v)]} "
@@ -296,11 +254,6 @@ def run_stage(model, stage, task, memorized, cfg, train_pass=None, resume=None):
 
 def memorized_of(logits, labels):
     return cee.memorized_layer(logits.argmax(-1), labels)
-
-
-def best_exits(logits, labels, memorized, alpha):
-    """The exit layer (B,) with the highest hardness reward: what a policy that knew the label would pick."""
-    return rl.reward_table(cee.exit_ce(logits, labels), memorized, alpha).argmax(1) + 1
 
 
 def shares(layers, L):
@@ -370,7 +323,7 @@ def evaluate_and_report(test, cfg, seconds):
     s1, lg1, y = all_layers(m1, test, cfg)  # stage 2 trained policies only: its backbone is stage 1's
     s3, lg3, _ = all_layers(m3, test, cfg)
     with torch.no_grad():
-        p2, p3 = policy_probs(m2, s1, lg1), policy_probs(m3, s3, lg3)
+        p2, p3 = cee.policy_probs(m2, s1, lg1), cee.policy_probs(m3, s3, lg3)
     L, n = lg1.shape[1:]
     g = cee.grids(L, n)
     methods = cee.sweep("consistentee", g["consistentee"], lg3, y, p3)
@@ -482,7 +435,7 @@ def main(argv):
             memorized = memorized_of(*train_pass[1:])
             log("memorized layer of the training inputs: " + shares(memorized, model.config.n_layer))
             log(f"reward-optimal exit layer (knowing the labels) at alpha {cfg.alpha}: " +
-                  shares(best_exits(*train_pass[1:], memorized, cfg.alpha), model.config.n_layer))
+                  shares(cee.best_exits(*train_pass[1:], memorized, cfg.alpha), model.config.n_layer))
         save(model, stage, memorized, cfg)
         if WORLD > 1:
             check_replicas(model, stage)

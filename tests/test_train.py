@@ -7,7 +7,6 @@ import pytest
 import torch
 
 import cee
-import rl
 import train
 from model import Config, Encoder
 
@@ -31,14 +30,14 @@ def test_policy_exits_easy_inputs_earlier_than_hard(estimator):
     opt = torch.optim.Adam(model.policies.parameters(), lr=1e-2)
     for step in range(150):
         i = torch.randint(0, N, (32,))
-        loss, _ = train.stage_loss(model, 2, s[i], logits[i], labels[i], memorized[i], cfg)
+        loss, _ = cee.stage_loss(model, 2, s[i], logits[i], labels[i], memorized[i], cfg)
         opt.zero_grad()
         loss.backward()
         opt.step()
     with torch.no_grad():
-        exits = cee.exit_layers(cee.ExitRule("consistentee", 0.5), logits, train.policy_probs(model, s, logits))
+        exits = cee.exit_layers(cee.ExitRule("consistentee", 0.5), logits, cee.policy_probs(model, s, logits))
     assert exits[easy].float().mean() < 1.2 and exits[~easy].float().mean() > L - 0.2
-    assert (cee.sweep("consistentee", [0.5], logits, labels, train.policy_probs(model, s, logits))[0]["accuracy"]
+    assert (cee.sweep("consistentee", [0.5], logits, labels, cee.policy_probs(model, s, logits))[0]["accuracy"]
             > 0.95)
 
 
@@ -50,7 +49,7 @@ def test_stage3_loss_is_taken_at_the_sampled_exits():
     with torch.no_grad():
         for pol in model.policies:  # exit at layer 1 always
             pol.net[-1].bias.fill_(30.0)
-    loss, logs = train.stage_loss(model, 3, s, logits, labels, memorized, train.TrainConfig(K=4))
+    loss, logs = cee.stage_loss(model, 3, s, logits, labels, memorized, train.TrainConfig(K=4))
     loss.backward()
     assert logs["exit/mean"] == pytest.approx(1.0)
     assert logits.grad[:, 1:].abs().sum() == 0 and logits.grad[:, 0].abs().sum() > 0  # CE only where they exit
