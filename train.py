@@ -412,7 +412,8 @@ def main(argv):
     log(f"task {cfg.task}: " + ", ".join(f"{k} {len(task[k])}" for k in ("train", "validation", "test")))
     seconds, resume, train_pass = {}, None, None
     if cfg.resume:  # the run must be the one that wrote resume.pt, but for where it writes and logs
-        same = [f.name for f in fields(TrainConfig) if f.name not in ("out_dir", "resume", "device", "log_interval")]
+        free = ("out_dir", "resume", "stage", "device", "log_interval", "ckpt_interval")
+        same = [f.name for f in fields(TrainConfig) if f.name not in free]
         model, memorized, resume = load("resume.pt", cfg, same)
         first = resume["stage"]
     elif cfg.stage > 1:
@@ -435,7 +436,7 @@ def main(argv):
             memorized = memorized_of(*train_pass[1:])
             log("memorized layer of the training inputs: " + shares(memorized, model.config.n_layer))
             log(f"reward-optimal exit layer (knowing the labels) at alpha {cfg.alpha}: " +
-                  shares(cee.best_exits(*train_pass[1:], memorized, cfg.alpha), model.config.n_layer))
+                shares(cee.best_exits(*train_pass[1:], memorized, cfg.alpha), model.config.n_layer))
         save(model, stage, memorized, cfg)
         if WORLD > 1:
             check_replicas(model, stage)
