@@ -11,7 +11,8 @@ Generate text with a GPT-2 style Decoder, each token choosing its own exit layer
   confidence   the first layer whose exit head's top probability > threshold (CALM's softmax rule)
   speculative  draft draft_len tokens with policy exits, verify them with the full model in one pass,
                keep the agreeing prefix (self-speculative decoding, LayerSkip, Elhoushi et al. 2024):
-               greedy output identical to --exit=none, whatever the policy.
+               greedy output identical to --exit=none, whatever the policy (in fp32; under CUDA's
+               bf16 a near-tie may round differently in the batched verification).
 A token that exits early leaves its skipped layers without keys/values; they are filled by state
 copying (Decoder.copy_state_up, from CALM).
 """
@@ -92,9 +93,11 @@ def step(model, tok, cache, pos, rule):
         if rule is None or l == L - 1:
             continue
         state = x[:, -1]  # (B, C)
-        # The policy needs only the state (a C x 32 MLP); a confidence rule needs the LM head here.
-        logits = None if rule.needs_policy else model.exit_logits(state)
-        p = model.policies[l](state) if rule.needs_policy else None
+        # A decoder's policy reads only the state (a C x 32 MLP); a confidence rule, or a policy made to
+        # read the head's confidence (policy_conf), needs the C x vocab LM head at this layer.
+        needs_head = not rule.needs_policy or model.config.policy_conf
+        logits = model.exit_logits(state) if needs_head else None
+        p = model.policies[l](model.policy_input(state, logits)) if rule.needs_policy else None
         stop, _ = rule.decide(l, logits, p, None)
         if stop.all():  # the one host synchronisation per layer
             model.copy_state_up(l, x, cache, pos)

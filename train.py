@@ -142,6 +142,25 @@ def gathered_layers(model, split, cfg):
     return [torch.cat(shards).to(cfg.device) for shards in zip(*parts)]
 
 
+def all_ok(ok):
+    """True only if ok is True in every process: they must stop together, or the others wait forever."""
+    if WORLD == 1:
+        return ok
+    flag = torch.tensor([float(ok)], device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
+
+
+def rng_states(cfg):
+    """Every process's random streams (CPU, and CUDA when used), so that each resumes its own."""
+    mine = [torch.get_rng_state(), torch.cuda.get_rng_state() if cfg.device.startswith("cuda") else None]
+    if WORLD == 1:
+        return [mine]
+    everyone = [None] * WORLD
+    dist.all_gather_object(everyone, mine)
+    return everyone
+
+
 def my_share(batch):
     """This process's rows of a global batch: every process sees the same batches, each takes a slice."""
     n = len(batch["index"])
@@ -188,10 +207,13 @@ def run_stage(model, stage, task, memorized, cfg, train_pass=None, resume=None):
         opt.load_state_dict(resume["optimizer"])
         sched.load_state_dict(resume["scheduler"])
         step, epoch, skip = resume["step"], resume["epoch"], resume["batch"]
-        torch.set_rng_state(resume["rng"])
-        g.set_state(resume["batch_rng"])
-        if resume["cuda_rng"] is not None:
-            torch.cuda.set_rng_state(resume["cuda_rng"])
+        if len(resume["rng"]) != WORLD:
+            raise SystemExit(f"train.py: resume.pt was written by {len(resume['rng'])} processes, not {WORLD}")
+        cpu_rng, cuda_rng = resume["rng"][RANK]
+        torch.set_rng_state(cpu_rng.cpu())  # RNG states must be CPU tensors, wherever the model lives
+        g.set_state(resume["batch_rng"].cpu())
+        if cuda_rng is not None and cfg.device.startswith("cuda"):
+            torch.cuda.set_rng_state(cuda_rng.cpu())
 
     def epoch_batches(epoch):
         if stage == 2:  # the cached states are indexed directly: no tokens to pad
@@ -208,7 +230,10 @@ def run_stage(model, stage, task, memorized, cfg, train_pass=None, resume=None):
         for j, b in enumerate(epoch_batches(epoch)):
             if j < skip:  # done before the run was stopped
                 continue
+            n = len(b["index"])
             if WORLD > 1:
+                if n < WORLD:  # a last batch too small to give every process a row: all skip it alike
+                    continue
                 b = my_share(b)
             if stage == 2:
                 i = b["index"]
@@ -219,9 +244,12 @@ def run_stage(model, stage, task, memorized, cfg, train_pass=None, resume=None):
                 mem = None if memorized is None else memorized[b["index"]]  # stage 1 has none yet
             loss, logs = (cee.stage_loss(model, stage, s, logits, labels, mem, cfg) if torch.isfinite(logits).all()
                           else (None, {"logits": math.nan}))
-            if not all(math.isfinite(v) for v in logs.values()):  # a NaN/inf in logits, losses or rewards
-                raise SystemExit(f"train.py: non-finite {[k for k, v in logs.items() if not math.isfinite(v)]} "
-                                 f"at stage {stage} step {step + 1}; stopped, the saved checkpoints are kept")
+            if not all_ok(all(math.isfinite(v) for v in logs.values())):  # a NaN/inf in logits, losses, rewards
+                bad = [k for k, v in logs.items() if not math.isfinite(v)] or "values in another process"
+                raise SystemExit(f"train.py: non-finite {bad} at stage {stage} step {step + 1}; stopped, "
+                                 "the saved checkpoints are kept")
+            if WORLD > 1:  # each process has the mean over its rows: weight it so the average is the batch mean
+                loss = loss * (len(b["index"]) * WORLD / n)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if WORLD > 1:  # what DistributedDataParallel does: average the gradients of all processes
@@ -239,8 +267,7 @@ def run_stage(model, stage, task, memorized, cfg, train_pass=None, resume=None):
                     "model": model.state_dict(), "model_config": asdict(model.config), "config": asdict(cfg),
                     "stage": stage, "memorized": memorized, "optimizer": opt.state_dict(),
                     "scheduler": sched.state_dict(), "step": step, "epoch": epoch, "batch": j + 1,
-                    "rng": torch.get_rng_state(), "batch_rng": batch_rng,
-                    "cuda_rng": torch.cuda.get_rng_state() if cfg.device.startswith("cuda") else None})
+                    "rng": rng_states(cfg), "batch_rng": batch_rng})
             if MASTER and (step % cfg.log_interval == 0 or step == total):
                 kv = " ".join(f"{k} {v:.4f}" for k, v in logs.items())
                 tqdm.write(f"stage {stage} step {step}/{total} {kv} lr {sched.get_last_lr()[0]:.2e} "
@@ -262,17 +289,20 @@ def shares(layers, L):
 
 
 def write(path, checkpoint):
-    """torch.save to a temporary file, then rename: a killed run or a full disk never spoils path."""
-    if not MASTER:
-        return
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    try:
-        torch.save(checkpoint, path + ".tmp")
-        os.replace(path + ".tmp", path)
-    except OSError as e:
-        if os.path.exists(path + ".tmp"):
-            os.remove(path + ".tmp")
-        raise SystemExit(f"train.py: cannot write {path} ({e.strerror or e}); the previous file there is kept") from None
+    """torch.save to a temporary file, then rename: a killed run or a full disk never spoils path.
+    Every process calls it; only rank 0 writes, and if it fails they all stop."""
+    error = None
+    if MASTER:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        try:
+            torch.save(checkpoint, path + ".tmp")
+            os.replace(path + ".tmp", path)
+        except OSError as e:
+            if os.path.exists(path + ".tmp"):
+                os.remove(path + ".tmp")
+            error = f"train.py: cannot write {path} ({e.strerror or e}); the previous file there is kept"
+    if not all_ok(error is None):
+        raise SystemExit(error or f"train.py: rank 0 could not write {path}")
 
 
 def save(model, stage, memorized, cfg):

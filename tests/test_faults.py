@@ -118,9 +118,10 @@ def test_resume_after_a_kill_ends_with_the_same_weights(tmp_path, monkeypatch, k
 
 def test_two_processes_train_identical_replicas(tmp_path):
     """torchrun with 2 CPU processes (gloo): every stage keeps the replicas identical, and the result
-    is the one process's within noise (only dropout draws differ)."""
-    write_task(tmp_path)
-    args = [str(train.__file__), "--task=task.csv", "--max_steps=2", "--batch_size=8"]
+    is the one process's within noise (only dropout draws differ). 97 training rows in batches of 8:
+    the last batch has 1 row, too few for 2 processes, and is skipped by both."""
+    write_task(tmp_path, n=121)
+    args = [str(train.__file__), "--task=task.csv", "--epochs1=1", "--epochs2=1", "--epochs3=1", "--batch_size=8"]
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                         *args, "--out_dir=two"], cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]

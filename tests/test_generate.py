@@ -83,6 +83,17 @@ def test_policy_and_confidence_exits_report_depth(gpt2_dir):
     assert stats["mean_exit_layer"] == 1
 
 
+def test_policy_that_reads_the_head_confidence():
+    torch.manual_seed(0)
+    model = Decoder(Config(n_layer=3, n_head=2, n_embd=16, n_inner=32, vocab_size=60, block_size=32,
+                           policy_conf=True)).eval()
+    idx = torch.randint(0, 60, (1, 5), generator=torch.Generator().manual_seed(0))
+    want, _ = generate.generate(model, idx, 12)
+    assert torch.equal(generate.generate(model, idx, 12, "speculative")[0], want)
+    new, stats = generate.generate(model, idx, 12, "policy")
+    assert new.shape == (1, 12) and 1 <= stats["mean_exit_layer"] <= 3
+
+
 def test_sampling_is_seeded_and_respects_top_k(gpt2_dir):
     model = Decoder.from_pretrained(gpt2_dir).eval()
 

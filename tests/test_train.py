@@ -86,10 +86,10 @@ def run(args, cwd):
                           timeout=600)
 
 
-def write_task(folder):
-    """A small task file of the user's kind: 120 rows of text,label."""
+def write_task(folder, n=120):
+    """A small task file of the user's kind: n rows of text,label."""
     words = ["good", "great", "fine", "bad", "awful", "dull"]
-    rows = [f"{words[i % 6]} film number {i},{'pos' if i % 6 < 3 else 'neg'}" for i in range(120)]
+    rows = [f"{words[i % 6]} film number {i},{'pos' if i % 6 < 3 else 'neg'}" for i in range(n)]
     (folder / "task.csv").write_text("text,label\n" + "\n".join(rows) + "\n")
 
 
