@@ -4,6 +4,7 @@ Does early exit save time on the clock, not only layers? Ratios of timings taken
     python bench.py                         # a table; uses out/stage3.pt if python train.py made one
     python bench.py --json                  # one JSON object
     python bench.py --ckpt=PATH --repeats=15
+    python bench.py --lm_ckpt=out_lm/stage3.pt  # the language model of python train.py --task=lm (the default)
 
 Each figure is a ratio of two timings of the same inputs, taken interleaved (A, B, A, B, ...) and
 summarised by the median of the repeats, so that a noisy machine slows both sides alike.
@@ -11,6 +12,10 @@ summarised by the median of the repeats, so that a noisy machine slows both side
   decision_overhead            share of early-exit time spent deciding: the policy vs the entropy rule
   ours_over_hf_inference       transformers' BertModel time / ours, full depth (> 1: ours is faster)
   joint_step_over_stage1_step  a stage-3 step (K trajectories) / a stage-1 step, same batch
+  ours_over_hf_generate        transformers' generate() time / ours, greedy, full depth, same GPT-2 weights
+  policy_exit_speedup          tokens/s with policy exits / tokens/s at full depth (trained LM, greedy),
+                               with policy_agreement, the share of tokens full depth would have picked
+  speculative_speedup          tokens/s of self-speculative decoding / full depth; speculative_identical
 Without a checkpoint the model is all-MiniLM-L6-v2's shape with random weights, and policies scaled
 so that the inputs spread over the exit layers.
 """
@@ -110,8 +115,7 @@ def generation(device, repeats, now):
     """
     Greedy decoding of 32 tokens with a random-init GPT-2 (6 layers, width 256, the GPT-2 vocabulary):
     ours at full depth vs transformers' generate() on the same weights, and whether self-speculative
-    decoding returns exactly the same tokens. The speed-ups of policy exits and of speculative
-    decoding need a trained language model: they are null until train.py can make one.
+    decoding returns exactly the same tokens.
     """
     import tempfile
     import transformers
@@ -128,8 +132,44 @@ def generation(device, repeats, now):
         full, _ = generate.generate(ours, idx, 32)
         spec, _ = generate.generate(ours, idx, 32, "speculative")
         ratio = interleaved(partial(hf.generate, idx, **kw), partial(generate.generate, ours, idx, 32), repeats, now)
-    return {"ours_over_hf_generate": ratio, "speculative_identical": torch.equal(full, spec),
-            "policy_exit_speedup": None, "policy_agreement": None, "speculative_speedup": None}
+    return {"ours_over_hf_generate": ratio, "speculative_identical": torch.equal(full, spec)}
+
+
+def lm_generation(ckpt, device, repeats, now, new_tokens=48):
+    """
+    The trained language model (python train.py --task=lm): greedy continuations of 4 test prompts of
+    16 tokens, full depth vs policy exits (state copying and deferred fill) vs self-speculative decoding.
+    Also the share of a token's multiply-adds spent in the layers rather than the LM head.
+    """
+    import generate
+    if not os.path.isfile(ckpt):
+        return {"lm_model": f"{ckpt} missing: run python train.py --task=lm", "policy_exit_speedup": None,
+                "policy_agreement": None, "speculative_speedup": None}
+    model = generate.load_decoder(ckpt, device)
+    c = model.config
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)
+    prompts = data.lm_task(c.vocab_size, state["config"]["max_len"], 1, 4, state["config"]["seed"])["test"][:, :16]
+    prompts = [p[None].to(device) for p in prompts]
+
+    def run(**kw):
+        return lambda: [generate.generate(model, p, new_tokens, **kw) for p in prompts]
+    full = [new for new, _ in run()()]
+    out = {"lm_model": ckpt}
+    for name, kw in (("policy_exit", dict(exit="policy")), ("policy_exit_defer", dict(exit="policy", kv="defer")),
+                     ("speculative", dict(exit="speculative")), ("speculative_defer", dict(exit="speculative", kv="defer"))):
+        results = run(**kw)()
+        out[f"{name}_speedup"] = interleaved(run(), run(**kw), repeats, now)
+        out[f"{name}_mean_exit_layer"] = statistics.mean(st["mean_exit_layer"] for _, st in results)
+        if name.startswith("policy"):
+            out[name.replace("exit", "agreement")] = statistics.mean(
+                generate.agreement_with_full(model, p, new) for p, (new, _) in zip(prompts, results))
+        else:
+            out[f"{name}_identical"] = all(torch.equal(a, b) for a, (b, _) in zip(full, results))
+            out[f"{name}_accepted_per_draft"] = statistics.mean(st["accepted_per_draft"] for _, st in results)
+    T = 16 + new_tokens / 2  # mean context while generating
+    per_layer = 2 * 3 * c.n_embd ** 2 + 2 * c.n_embd * c.n_inner + 2 * T * c.n_embd  # qkv, proj, MLP; attention
+    out["lm_layer_share"] = c.n_layer * per_layer / (c.n_layer * per_layer + c.n_embd * c.vocab_size)
+    return out
 
 
 def over(batches, f):
@@ -139,10 +179,10 @@ def over(batches, f):
 
 def main(argv):
     args = dict(a.removeprefix("--").partition("=")[::2] for a in argv)
-    unknown = set(args) - {"json", "ckpt", "repeats", "device"}
+    unknown = set(args) - {"json", "ckpt", "lm_ckpt", "repeats", "device"}
     if unknown:
-        raise SystemExit(f"bench.py: unknown option --{sorted(unknown)[0]}; options: --json --ckpt= --repeats= "
-                         "--device=")
+        raise SystemExit(f"bench.py: unknown option --{sorted(unknown)[0]}; options: --json --ckpt= --lm_ckpt= "
+                         "--repeats= --device=")
     device = train.pick_device(args.get("device", "auto"))
     repeats = int(args.get("repeats", 9))
     now = timer(device)
@@ -196,6 +236,7 @@ def main(argv):
         opt.step()
     out["joint_step_over_stage1_step"] = interleaved(partial(step, 3), partial(step, 1), max(3, repeats // 3), now)
     out.update(generation(device, repeats, now))
+    out.update(lm_generation(args.get("lm_ckpt", "out_lm/stage3.pt"), device, repeats, now))
 
     if "json" in args:
         print(json.dumps(out))
@@ -204,8 +245,13 @@ def main(argv):
     for key in ("realized_over_layer_speedup", "ours_over_hf_inference", "decision_overhead", "mean_exit_layer"):
         print(f"{key:<30}" + "  ".join(f"{k} {v:.3f}" for k, v in out[key].items()))
     print(f"{'joint_step_over_stage1_step':<30}{out['joint_step_over_stage1_step']:.3f}")
-    print(f"{'ours_over_hf_generate':<30}{out['ours_over_hf_generate']:.3f}")
-    print(f"{'speculative_identical':<30}{out['speculative_identical']}")
+    for key in ("ours_over_hf_generate", "speculative_identical", "lm_model", "lm_layer_share", "policy_exit_speedup",
+                "policy_agreement", "policy_exit_mean_exit_layer", "policy_exit_defer_speedup", "policy_agreement_defer",
+                "speculative_speedup", "speculative_identical", "speculative_accepted_per_draft",
+                "speculative_defer_speedup", "speculative_defer_identical"):
+        if key in out:
+            v = out[key]
+            print(f"{key:<30}{v:.3f}" if isinstance(v, float) else f"{key:<30}{v}")
 
 
 if __name__ == "__main__":

@@ -197,17 +197,20 @@ def _early_exit(model, input_ids, attention_mask, rule):
 
 def sweep(name, params, logits, labels, p=None):
     """
-    Accuracy and mean exit layer of one rule at each of its params, from precomputed layer outputs.
-    logits (B, L, n), labels (B,), p (B, L) -> [{"name", "param", "accuracy", "avg_layers", "speedup"}]
+    Accuracy and mean exit layer of one rule at each of its params, from precomputed layer outputs, and
+    the agreement with the model's own full-depth prediction (for a language model: would greedy decoding
+    at full depth have picked the same token?).
+    logits (B, L, n), labels (B,), p (B, L) -> [{"name", "param", "accuracy", "agreement", "avg_layers", "speedup"}]
     """
     B, L, _ = logits.shape
+    full = logits[:, -1].argmax(-1)  # (B,)
     points = []
     for v in params:
         exits = exit_layers(ExitRule(name, v), logits, p)  # (B,)
         preds = logits[torch.arange(B, device=logits.device), exits - 1].argmax(-1)  # (B,) each exit head's answer
         avg = exits.float().mean().item()
         points.append({"name": name, "param": v, "accuracy": (preds == labels).float().mean().item(),
-                       "avg_layers": avg, "speedup": L / avg})
+                       "agreement": (preds == full).float().mean().item(), "avg_layers": avg, "speedup": L / avg})
     return points
 
 
@@ -221,12 +224,14 @@ def grids(L, n_labels):
 
 
 def best_speedups(methods, full_accuracy):
-    """Each method's best speed-up at no accuracy loss, and within 1 point of full depth."""
+    """Each method's best speed-up at no accuracy loss, within 1 point of full depth, and with at least
+    90% of its answers the full-depth model's."""
     out = {}
     for name in dict.fromkeys(m["name"] for m in methods):
         pts = [m for m in methods if m["name"] == name]
         out[name] = {regime: max((m["speedup"] for m in pts if m["accuracy"] >= full_accuracy - tol), default=None)
                      for regime, tol in (("no_loss", 1e-9), ("within_1_point", 0.01))}
+        out[name]["agreement_0.9"] = max((m["speedup"] for m in pts if m["agreement"] >= 0.9), default=None)
     return out
 
 

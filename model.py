@@ -76,16 +76,23 @@ class Attention(nn.Module):
         self.scale = (head_size ** -0.5 if cfg.attn_scale else 1.0) / ((layer + 1) if cfg.attn_scale_by_layer else 1)
 
     def forward(self, x, bias=None, causal=False, cache=None, pos=0):
+        """
+        x (B, T, C) -> (B, T, C). pos: the position of x's first row, the others following it; or a list
+        of every row's position, for rows that are not consecutive (generate.py's deferred fill).
+        """
         B, T, C = x.shape
         q, k, v = self.qkv(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, H, T, D)
+        rows = range(pos, pos + T) if isinstance(pos, int) else pos
         if cache is not None:  # cache: this layer's (k, v) buffers, each (B, H, T_max, D)
-            cache[0][:, :, pos:pos + T] = k
-            cache[1][:, :, pos:pos + T] = v
-            k, v = cache[0][:, :, :pos + T], cache[1][:, :, :pos + T]  # (B, H, pos+T, D)
-        if causal and pos > 0:  # query i sits at position pos+i and sees keys 0..pos+i
-            bias = torch.ones(T, pos + T, dtype=torch.bool, device=x.device).tril(diagonal=pos)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, is_causal=causal and pos == 0 and T > 1,
+            where = slice(pos, pos + T) if isinstance(pos, int) else list(pos)
+            cache[0][:, :, where] = k
+            cache[1][:, :, where] = v
+            k, v = cache[0][:, :, :max(rows) + 1], cache[1][:, :, :max(rows) + 1]  # (B, H, last position + 1, D)
+        prefix = causal and rows == range(T)  # rows 0..T-1: SDPA's own causal mask
+        if causal and T > 1 and not prefix:  # the row at position p sees the keys 0..p (a lone row sees all)
+            bias = torch.arange(max(rows) + 1, device=x.device) <= torch.tensor(rows, device=x.device)[:, None]
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, is_causal=prefix and T > 1,
                                            dropout_p=self.dropout if self.training else 0.0, scale=self.scale)
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
         return F.dropout(self.proj(y), self.dropout, self.training)

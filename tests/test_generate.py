@@ -71,6 +71,47 @@ def test_exited_token_leaves_copied_state_in_skipped_layers(gpt2_dir):
             assert torch.allclose(cache[l][0][0, :, 7], k.view(4, 8), atol=1e-5)
 
 
+def mixed_exits(model):
+    """Policies made decisive (p near 0 or 1, depending on the token), so tokens exit at different layers."""
+    with torch.no_grad():
+        for pol in model.policies:
+            pol.net[-1].weight.mul_(40)
+    return model
+
+
+def test_deferred_fill_gives_the_keys_and_values_of_full_depth(gpt2_dir):
+    model = mixed_exits(Decoder.from_pretrained(gpt2_dir).eval())
+    idx, rule, pending = prompt(), cee.ExitRule("consistentee", 0.5), []
+    cache = model.new_cache(1, 32)
+    logits, toks, exits = generate.prefill(model, idx, cache), [], []
+    for pos in range(7, 19):
+        toks.append(logits.argmax(-1, keepdim=True))
+        logits, e = generate.step(model, toks[-1], cache, pos, rule, pending)
+        exits.append(e)
+    assert len(set(exits)) > 1 and min(exits) < 4 and pending  # some layers are still waiting
+    toks.append(logits.argmax(-1, keepdim=True))
+    logits, e = generate.step(model, toks[-1], cache, 19, None, pending)  # one token at full depth...
+    assert e == 4 and pending == []  # ...took every waiting layer along
+    seq = torch.cat([idx] + toks, 1)  # (1, 20)
+    states = model.layer_states(seq)
+    assert torch.allclose(logits, model.exit_logits(states[-1][:, -1]), atol=1e-4)
+    for l, (k, v) in enumerate(cache):  # every position, every layer: what a full-depth pass computes
+        want = model.blocks[l].attn.qkv(model.blocks[l].ln_1(states[l]))[0].view(20, 3, 4, 8)  # (T, qkv, H, D)
+        assert torch.allclose(k[0, :, :20], want[:, 1].transpose(0, 1), atol=1e-5)
+        assert torch.allclose(v[0, :, :20], want[:, 2].transpose(0, 1), atol=1e-5)
+
+
+@pytest.mark.parametrize("exit", ["policy", "speculative"])
+def test_deferred_fill_generates(gpt2_dir, exit):
+    model = mixed_exits(Decoder.from_pretrained(gpt2_dir).eval())
+    full, _ = generate.generate(model, prompt(), 20)
+    new, stats = generate.generate(model, prompt(), 20, exit, kv="defer")
+    copied, _ = generate.generate(model, prompt(), 20, exit, kv="copy")
+    assert new.shape == (1, 20) and 1 < stats["mean_exit_layer"] < 4
+    if exit == "speculative":
+        assert torch.equal(new, full) and torch.equal(copied, full)
+
+
 def test_policy_and_confidence_exits_report_depth(gpt2_dir):
     model = Decoder.from_pretrained(gpt2_dir).eval()
     with torch.no_grad():
@@ -107,6 +148,33 @@ def test_sampling_is_seeded_and_respects_top_k(gpt2_dir):
     assert torch.equal(a, generate.generate(model, prompt(), 12, temperature=2.0, generator=g2)[0])
 
 
+def test_speculative_sampling_draws_from_the_full_model():
+    """At temperature 1, the tokens speculative decoding emits follow full-depth sampling's distribution,
+    although the drafts (from layer 1) follow a very different one."""
+    torch.manual_seed(0)
+    model = Decoder(Config(n_layer=2, n_head=2, n_embd=16, n_inner=32, vocab_size=4, block_size=16, dropout=0.0,
+                           tie_lm_head=False))
+    with torch.no_grad():
+        model.lm_head.weight.mul_(20)
+        model.blocks[1].mlp.proj.weight.mul_(30)  # layer 2 changes the prediction a lot
+        model.policies[0].net[-1].bias.fill_(30.0)  # every draft exits at layer 1
+    model.eval()
+    idx = torch.tensor([[1, 2]])
+
+    def histogram(exit, n=600):  # the 2nd and 3rd new tokens, over n seeds
+        counts = torch.zeros(2, 4)
+        for seed in range(n):
+            g = torch.Generator().manual_seed(seed)
+            new, _ = generate.generate(model, idx, 3, exit, temperature=1.0, draft_len=3, generator=g)
+            counts[0, new[0, 1]] += 1
+            counts[1, new[0, 2]] += 1
+        return counts / n
+    full, spec = histogram("none"), histogram("speculative")
+    draft = histogram("policy")  # what the drafts alone would emit
+    assert (full - draft).abs().sum(1).max() / 2 > 0.3  # total variation: the drafts are far off...
+    assert (full - spec).abs().sum(1).max() / 2 < 0.06  # ...speculative sampling is not
+
+
 def run(*args):
     return subprocess.run([sys.executable, generate.__file__, *args], capture_output=True, text=True, timeout=300)
 
@@ -124,7 +192,7 @@ def test_cli_json(gpt2_dir):
     (["--prompt="], "the prompt is empty"), (["--prompt=hi", "--max_new_tokens=0"], "--max_new_tokens must be > 0"),
     (["--prompt=hi", "--exit=fast"], "unknown --exit=fast"),
     (["--prompt=" + " word" * 80], "the prompt has 80 tokens, the context is 64"),
-    (["--prompt=hi", "--exit=speculative", "--temperature=1"], "use --temperature=0"),
+    (["--prompt=hi", "--kv=later"], "unknown --kv=later"),
 ])
 def test_cli_bad_input_is_one_line(gpt2_dir, args, msg):
     r = run(f"--ckpt={gpt2_dir}", *args)

@@ -7,8 +7,9 @@ import pytest
 import torch
 
 import cee
+import generate
 import train
-from model import Config, Encoder
+from model import Config, Decoder, Encoder
 
 
 @pytest.mark.parametrize("estimator", ["reinforce", "exact"])
@@ -122,3 +123,60 @@ def test_smoke_run_writes_report_and_reruns_a_stage(tmp_path):
 def test_missing_checkpoint_is_one_line(tmp_path):
     r = run(["--stage=2", f"--out_dir={tmp_path}"], tmp_path)
     assert r.returncode == 1 and "stage1.pt is missing" in r.stderr and "Traceback" not in r.stderr
+
+
+# --- language modelling (--task=lm) ------------------------------------------------------------------
+
+def test_lm_takes_its_own_defaults_unless_given():
+    cfg = train.parse_args(["--task=lm", "--batch_size=4"])
+    assert (cfg.init, cfg.lr1, cfg.batch_size, cfg.policy_conf) == ("scratch", 1e-3, 4, False)
+    assert train.parse_args(["--task=lm", "--init=some/gpt2"]).lr1 == 5e-5  # fine-tuning, not from scratch
+    assert train.parse_args([]).lr1 == train.TrainConfig().lr1  # classification keeps its own
+    with pytest.raises(SystemExit, match="--lm_rl_windows must lie in"):
+        train.parse_args(["--task=lm", "--lm_rl_windows=9999"])
+
+
+def test_lm_rows_are_token_positions():
+    torch.manual_seed(0)
+    model = Decoder(Config(n_layer=3, n_head=2, n_embd=16, n_inner=32, vocab_size=50, block_size=8, dropout=0.0))
+    w = torch.randint(0, 50, (2, 9))
+    logits, s, labels = train.rows(model, {"input_ids": w[:, :-1], "labels": w[:, 1:]})
+    assert logits.shape == (16, 3, 50) and s.shape == (16, 3, 16) and torch.equal(labels, w[:, 1:].flatten())
+    states = model.layer_states(w[:, :-1])
+    assert torch.equal(s[9, 1], states[2][1, 1])  # row 9 = window 1, position 1; layer 2
+    assert torch.allclose(logits[:, -1], model(w[:, :-1])[0].flatten(0, 1))  # the last exit is the LM
+
+
+def lm_args(out):
+    return ["--task=lm", "--lm_windows=16", "--lm_rl_windows=4", "--lm_test_windows=2", "--max_len=16",
+            "--max_steps=2", f"--out_dir={out}"]
+
+
+def test_lm_smoke_run_then_generate(tmp_path):
+    out = tmp_path / "out"
+    r = run(lm_args(out) + ["--lm_layers=3", "--lm_width=32", "--lm_heads=2"], tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    report = json.loads((out / "report.json").read_text())
+    assert report["full"]["layers"] == 3 and 0 <= report["full"]["accuracy"] <= 1
+    assert all(0 <= m["agreement"] <= 1 and 1 <= m["avg_layers"] <= 3 for m in report["methods"])
+    static = {m["param"]: m for m in report["methods"] if m["name"] == "static"}
+    assert static[3]["agreement"] == 1 and static[3]["accuracy"] == pytest.approx(report["full"]["accuracy"])
+    assert sum(report["exit_by_memorized_layer"]["count"].values()) == 2 * 16  # every test token is an input
+    ckpt = torch.load(out / "stage3.pt", weights_only=True)
+    assert ckpt["memorized"].shape == (4 * 16,) and ckpt["model_config"]["vocab_size"] == 4096
+    g = subprocess.run([sys.executable, generate.__file__, f"--ckpt={out / 'stage3.pt'}", "--prompt=The movie was",
+                        "--exit=policy", "--max_new_tokens=5", "--json"], capture_output=True, text=True, timeout=300)
+    assert g.returncode == 0, g.stderr[-2000:]
+    assert json.loads(g.stdout.strip().splitlines()[-1])["tokens"] == 5
+
+
+def test_lm_from_a_gpt2_folder(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    transformers.GPT2LMHeadModel(transformers.GPT2Config(n_embd=32, n_layer=2, n_head=2, n_positions=32)
+                                 ).save_pretrained(tmp_path / "gpt2")
+    r = run(lm_args(tmp_path / "out") + [f"--init={tmp_path / 'gpt2'}"], tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "freshly initialised: policies" in r.stdout
+    ckpt = torch.load(tmp_path / "out" / "stage1.pt", weights_only=True)
+    assert ckpt["model_config"]["vocab_size"] == 50257 and ckpt["config"]["lr1"] == 5e-5
