@@ -69,23 +69,25 @@ class TrainConfig:
     K: int = 8                   # trajectories per input, sampled from one backbone pass
     estimator: str = "reinforce"  # "reinforce" (sampled, mean-of-K baseline) or "exact" (sum over all exits)
     threshold: float = 0.5       # exit when the policy's probability exceeds this
+    warmup: int = 0              # optimiser steps of linear learning-rate warm-up in each stage, then linear decay
+    beta2: float = 0.999         # AdamW's decay of the squared-gradient average
     log_interval: int = 50
     ckpt_interval: int = 200     # write out_dir/resume.pt every this many optimiser steps (and at each stage's end)
     resume: bool = False         # continue from out_dir/resume.pt exactly where the last run stopped
     # language modelling (--task=lm): the decoder built from scratch, and the windows of IMDB text
     lm_layers: int = 8
-    lm_width: int = 256
+    lm_width: int = 128
     lm_heads: int = 4
-    lm_vocab: int = 4096         # GPT-2's BPE stopped at this many tokens: the LM head is width x vocab
-    lm_windows: int = 2560       # training windows of max_len tokens
-    lm_rl_windows: int = 256     # the first of them: their tokens' memorized layers are kept, stages 2, 3 train on them
-    lm_test_windows: int = 32
+    lm_vocab: int = 257          # GPT-2's BPE stopped at this many tokens (257: bytes); the LM head is width x vocab
+    lm_windows: int = 28800      # training windows of max_len tokens
+    lm_rl_windows: int = 1024    # the first of them: their tokens' memorized layers are kept, stages 2, 3 train on them
+    lm_test_windows: int = 64
 
 
 # --task=lm: a decoder learns from scratch with a higher learning rate, on windows of 128 tokens whose
 # every position is an input, so stage 2 sees many more inputs per window; its policy reads the state only
-LM_DEFAULTS = {"init": "scratch", "lr1": 1e-3, "epochs1": 1, "lr3": 1e-4, "batch_size": 8, "epochs2": 10,
-               "epochs3": 1, "policy_conf": False}
+LM_DEFAULTS = {"init": "scratch", "lr1": 3e-3, "epochs1": 1, "lr3": 3e-4, "batch_size": 32, "epochs2": 10,
+               "epochs3": 1, "warmup": 20, "beta2": 0.95, "policy_conf": False}
 
 
 def overrides(cfg, argv, prog, doc):
@@ -128,7 +130,9 @@ def parse_args(argv):
               (cfg.pool in ("mean", "cls"), "--pool must be mean or cls"), (cfg.batch_size >= 1, "--batch_size >= 1"),
               (cfg.policy_split in ("train", "validation"), "--policy_split must be train or validation"),
               (0 <= cfg.threshold <= 1, "--threshold must lie in [0, 1]"), (cfg.log_interval >= 1, "--log_interval >= 1"),
-              (cfg.ckpt_interval >= 1, "--ckpt_interval >= 1"), (not (cfg.resume and cfg.stage > 1), "--resume picks its stage"),
+              (cfg.ckpt_interval >= 1, "--ckpt_interval >= 1"), (cfg.warmup >= 0, "--warmup >= 0"),
+              (0 < cfg.beta2 < 1, "--beta2 must lie in (0, 1)"),
+              (not (cfg.resume and cfg.stage > 1), "--resume picks its stage"),
               (min(cfg.epochs1, cfg.epochs2, cfg.epochs3) > 0, "--epochs1/2/3 must be > 0"),
               (min(cfg.lr1, cfg.lr2, cfg.lr3) > 0, "--lr1/2/3 must be > 0"), (cfg.max_len >= 2, "--max_len >= 2"),
               (1 <= cfg.lm_rl_windows <= cfg.lm_windows, "--lm_rl_windows must lie in [1, lm_windows]"),
@@ -241,8 +245,8 @@ def run_stage(model, stage, task, memorized, cfg, train_pass=None, resume=None):
     total = math.ceil(epochs * per_epoch)
     if cfg.max_steps:
         total = min(total, cfg.max_steps)
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01 if stage != 2 else 0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 1 - i / total)  # linear decay to 0
+    opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, cfg.beta2), weight_decay=0.01 if stage != 2 else 0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: min(1, (i + 1) / (cfg.warmup + 1)) * (1 - i / total))
     torch.manual_seed(cfg.seed + stage)  # each stage reproducible on its own, e.g. after --stage=2
     g = torch.Generator().manual_seed(cfg.seed + stage)
     step, epoch, skip = 0, 0, 0

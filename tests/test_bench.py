@@ -9,12 +9,13 @@ import torch
 
 import bench
 import cee
-from model import Config, Encoder
+from model import Config, Decoder, Encoder
 
 
 def test_bench_json_shape(tmp_path):
     r = subprocess.run([sys.executable, str(Path(bench.__file__)), "--json", "--repeats=1",
-                        f"--ckpt={tmp_path / 'none.pt'}"], capture_output=True, text=True, timeout=600)
+                        f"--ckpt={tmp_path / 'none.pt'}", f"--lm_ckpt={tmp_path / 'none.pt'}"],
+                       capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     out = json.loads(r.stdout.strip().splitlines()[-1])
     assert out["model"] == "random-init MiniLM shape"
@@ -24,6 +25,24 @@ def test_bench_json_shape(tmp_path):
     assert all(0 < v < 1 for v in out["decision_overhead"].values())
     assert out["joint_step_over_stage1_step"] > 0
     assert 1 < out["mean_exit_layer"]["batch_64"] < 6  # the random policies spread the exits
+    assert out["ours_over_hf_generate"] > 0 and out["speculative_identical"] is True
+    assert out["policy_exit_speedup"] is None and "run python train.py --task=lm" in out["lm_model"]
+
+
+def test_lm_generation_figures(tmp_path):
+    """The language-model half of bench.py on a small random decoder saved as train.py saves one."""
+    torch.manual_seed(0)
+    model = Decoder(Config(n_layer=3, n_head=2, n_embd=32, n_inner=64, vocab_size=257, block_size=128, dropout=0.0))
+    with torch.no_grad():
+        for pol in model.policies:
+            pol.net[-1].weight.mul_(40)  # decisive policies: tokens exit at different layers
+    torch.save({"model": model.state_dict(), "model_config": vars(model.config),
+                "config": {"max_len": 128, "seed": 1337}}, tmp_path / "lm.pt")
+    out = bench.lm_generation(str(tmp_path / "lm.pt"), "cpu", 1, bench.timer("cpu"), new_tokens=8)
+    assert out["speculative_identical_lm"] is True and 0 <= out["policy_agreement"] <= 1
+    assert 1 <= out["policy_exit_mean_exit_layer"] <= 3 and out["policy_exit_speedup"] > 0
+    assert out["speculative_speedup"] > 0 and 0 <= out["speculative_accepted_per_draft"] <= 8
+    assert 0.5 < out["lm_layer_share"] < 1
 
 
 def test_timed_rule_decides_like_the_rule_and_counts_time():

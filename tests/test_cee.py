@@ -67,10 +67,12 @@ def test_rank_correlation(a, b, rho):
 
 
 def test_best_speedups_in_both_regimes():
-    pts = [{"name": "x", "accuracy": 0.80, "speedup": 1.5}, {"name": "x", "accuracy": 0.795, "speedup": 2.0},
-           {"name": "x", "accuracy": 0.70, "speedup": 3.0}, {"name": "y", "accuracy": 0.5, "speedup": 2.0}]
-    assert cee.best_speedups(pts, 0.80) == {"x": {"no_loss": 1.5, "within_1_point": 2.0},
-                                            "y": {"no_loss": None, "within_1_point": None}}
+    pts = [{"name": "x", "accuracy": 0.80, "agreement": 1.0, "speedup": 1.5},
+           {"name": "x", "accuracy": 0.795, "agreement": 0.85, "speedup": 2.0},
+           {"name": "x", "accuracy": 0.70, "agreement": 0.91, "speedup": 3.0},
+           {"name": "y", "accuracy": 0.5, "agreement": 0.5, "speedup": 2.0}]
+    assert cee.best_speedups(pts, 0.80) == {"x": {"no_loss": 1.5, "within_1_point": 2.0, "agreement_0.9": 3.0},
+                                            "y": {"no_loss": None, "within_1_point": None, "agreement_0.9": None}}
 
 
 @pytest.fixture(scope="module")

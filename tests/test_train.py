@@ -129,11 +129,11 @@ def test_missing_checkpoint_is_one_line(tmp_path):
 
 def test_lm_takes_its_own_defaults_unless_given():
     cfg = train.parse_args(["--task=lm", "--batch_size=4"])
-    assert (cfg.init, cfg.lr1, cfg.batch_size, cfg.policy_conf) == ("scratch", 1e-3, 4, False)
+    assert (cfg.init, cfg.lr1, cfg.batch_size, cfg.policy_conf) == ("scratch", 3e-3, 4, False)
     assert train.parse_args(["--task=lm", "--init=some/gpt2"]).lr1 == 5e-5  # fine-tuning, not from scratch
     assert train.parse_args([]).lr1 == train.TrainConfig().lr1  # classification keeps its own
     with pytest.raises(SystemExit, match="--lm_rl_windows must lie in"):
-        train.parse_args(["--task=lm", "--lm_rl_windows=9999"])
+        train.parse_args(["--task=lm", "--lm_rl_windows=99999"])
 
 
 def test_lm_rows_are_token_positions():
@@ -163,7 +163,7 @@ def test_lm_smoke_run_then_generate(tmp_path):
     assert static[3]["agreement"] == 1 and static[3]["accuracy"] == pytest.approx(report["full"]["accuracy"])
     assert sum(report["exit_by_memorized_layer"]["count"].values()) == 2 * 16  # every test token is an input
     ckpt = torch.load(out / "stage3.pt", weights_only=True)
-    assert ckpt["memorized"].shape == (4 * 16,) and ckpt["model_config"]["vocab_size"] == 4096
+    assert ckpt["memorized"].shape == (4 * 16,) and ckpt["model_config"]["vocab_size"] == 257
     g = subprocess.run([sys.executable, generate.__file__, f"--ckpt={out / 'stage3.pt'}", "--prompt=The movie was",
                         "--exit=policy", "--max_new_tokens=5", "--json"], capture_output=True, text=True, timeout=300)
     assert g.returncode == 0, g.stderr[-2000:]
