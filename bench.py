@@ -168,7 +168,7 @@ def lm_generation(ckpt, device, repeats, now, new_tokens=48):
             out["speculative_identical_lm"] = all(torch.equal(a, b) for a, (b, _) in zip(full, results))
             out[f"{name}_accepted_per_draft"] = statistics.mean(st["accepted_per_draft"] for _, st in results)
     T = 16 + new_tokens / 2  # mean context while generating
-    per_layer = 2 * 3 * c.n_embd ** 2 + 2 * c.n_embd * c.n_inner + 2 * T * c.n_embd  # qkv, proj, MLP; attention
+    per_layer = 4 * c.n_embd ** 2 + 2 * c.n_embd * c.n_inner + 2 * T * c.n_embd  # qkv + proj, MLP, attention
     out["lm_layer_share"] = c.n_layer * per_layer / (c.n_layer * per_layer + c.n_embd * c.vocab_size)
     return out
 
