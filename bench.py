@@ -135,11 +135,11 @@ def generation(device, repeats, now):
     return {"ours_over_hf_generate": ratio, "speculative_identical_random_gpt2": torch.equal(full, spec)}
 
 
-def lm_generation(ckpt, device, repeats, now, new_tokens=48):
+def lm_generation(ckpt, device, repeats, now, new_tokens=96):
     """
-    The trained language model (python train.py --task=lm): greedy continuations of 4 test prompts of
-    16 tokens, full depth vs policy exits (state copying, the default, and deferred fill) vs self-speculative
-    decoding, each with generate.py's defaults (threshold 0.5, draft_len 8).
+    The trained language model (python train.py --task=lm): greedy continuations, 96 tokens each, of 4
+    test prompts of 16 tokens; full depth vs policy exits (state copying, the default, and deferred fill)
+    vs self-speculative decoding, each with generate.py's defaults (threshold 0.5, draft_len 8).
     Also the share of a token's multiply-adds spent in the layers rather than the LM head.
     """
     import generate
