@@ -149,7 +149,8 @@ def lm_generation(ckpt, device, repeats, now, new_tokens=96):
     model = generate.load_decoder(ckpt, device)
     c = model.config
     state = torch.load(ckpt, map_location="cpu", weights_only=True)
-    prompts = data.lm_task(c.vocab_size, state["config"]["max_len"], 1, 4, state["config"]["seed"])["test"][:, :16]
+    saved = state["config"]  # the test windows of its training run; the first 16 tokens of 4 of them
+    prompts = data.lm_task(c.vocab_size, saved["max_len"], 1, saved["lm_test_windows"], saved["seed"])["test"][:4, :16]
     prompts = [p[None].to(device) for p in prompts]
 
     def run(**kw):

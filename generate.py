@@ -42,7 +42,7 @@ class GenConfig:
     prompt: str = ""
     exit: str = "none"           # none | policy | confidence | speculative
     kv: str = "copy"             # copy | defer: how the skipped layers of an early exit get their keys/values
-                                 # (speculative drafts always defer: the verification rewrites them)
+                                 # (speculative drafts always defer: the verification completes them)
     max_new_tokens: int = 50
     temperature: float = 0.0     # 0 = greedy
     top_k: int = 0               # sample from the k most likely tokens only; 0 = all

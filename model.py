@@ -311,7 +311,8 @@ class Decoder(Backbone):
         return F.dropout(x, self.config.dropout, self.training)  # (B, T, C)
 
     def run_layer(self, l, x, cache=None, pos=0):
-        """Layer l on x (B, T, C) at positions pos..pos+T-1; with a cache it also fills layer l's K/V there."""
+        """Layer l on x (B, T, C) at positions pos..pos+T-1 (or at the list of positions pos); with a cache it
+        also fills layer l's K/V there."""
         return self.blocks[l](x, None if cache is None else cache[l], pos)
 
     def exit_logits(self, x):

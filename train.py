@@ -62,7 +62,7 @@ class TrainConfig:
     epochs2: float = 5
     lr2: float = 3e-4
     policy_split: str = "train"  # stage 2 learns on "train", or "validation" (heads not fit there); stage 3 on train
-    # stage 3: all parameters, consistent loss + policy loss
+    # stage 3: all parameters, consistent loss + policy loss (on the training inputs; --task=lm: the lm_rl_windows)
     epochs3: float = 1
     lr3: float = 2e-5
     # the policy gradient
@@ -70,7 +70,7 @@ class TrainConfig:
     K: int = 8                   # trajectories per input, sampled from one backbone pass
     estimator: str = "reinforce"  # "reinforce" (sampled, mean-of-K baseline) or "exact" (sum over all exits)
     threshold: float = 0.5       # exit when the policy's probability exceeds this
-    warmup: int = 0              # optimiser steps of linear learning-rate warm-up in each stage, then linear decay
+    warmup: int = 0              # steps of linear lr warm-up in each stage (at most a tenth of it), then linear decay
     beta2: float = 0.999         # AdamW's decay of the squared-gradient average
     log_interval: int = 50
     ckpt_interval: int = 200     # write out_dir/resume.pt every this many optimiser steps (and at each stage's end)
@@ -138,7 +138,8 @@ def parse_args(argv):
               (min(cfg.lr1, cfg.lr2, cfg.lr3) > 0, "--lr1/2/3 must be > 0"), (cfg.max_len >= 2, "--max_len >= 2"),
               (1 <= cfg.lm_rl_windows <= cfg.lm_windows, "--lm_rl_windows must lie in [1, lm_windows]"),
               (cfg.lm_test_windows >= 1, "--lm_test_windows >= 1"), (cfg.lm_layers >= 2, "--lm_layers >= 2"),
-              (cfg.lm_width % cfg.lm_heads == 0, "--lm_width must be a multiple of --lm_heads")]
+              (min(cfg.lm_heads, cfg.lm_width) >= 1, "--lm_heads and --lm_width must be >= 1"),
+              (cfg.lm_width % max(cfg.lm_heads, 1) == 0, "--lm_width must be a multiple of --lm_heads")]
     for ok, msg in checks:
         if not ok:
             raise SystemExit(f"train.py: {msg}")
@@ -226,6 +227,12 @@ def check_replicas(model, stage):
     log(f"replicas identical after stage {stage} ({WORLD} processes)")
 
 
+def lr_factor(step, total, warmup):
+    """The learning rate's multiplier: linear warm-up over min(warmup, total // 10) steps, then linear decay to 0."""
+    w = min(warmup, total // 10)
+    return (step + 1) / (w + 1) if step < w else (total - step) / (total - w)
+
+
 def run_stage(model, stage, task, memorized, cfg, train_pass=None, resume=None):
     """
     One optimiser loop for any stage: what changes is the parameters, the data and stage_loss.
@@ -247,7 +254,7 @@ def run_stage(model, stage, task, memorized, cfg, train_pass=None, resume=None):
     if cfg.max_steps:
         total = min(total, cfg.max_steps)
     opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, cfg.beta2), weight_decay=0.01 if stage != 2 else 0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: min(1, (i + 1) / (cfg.warmup + 1)) * (1 - i / total))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: lr_factor(i, total, cfg.warmup))
     torch.manual_seed(cfg.seed + stage)  # each stage reproducible on its own, e.g. after --stage=2
     g = torch.Generator().manual_seed(cfg.seed + stage)
     step, epoch, skip = 0, 0, 0
@@ -370,15 +377,19 @@ def load(name, cfg, must_match=SAME_DATA_AND_MODEL):
         raise SystemExit(f"train.py: {path} is missing; run the stages before it first")
     try:
         ckpt = torch.load(path, map_location=cfg.device, weights_only=True)
-        model = (Decoder if cfg.task == "lm" else Encoder)(Config(**ckpt["model_config"])).to(cfg.device)
-        model.load_state_dict(ckpt["model"])
-        memorized, saved = ckpt["memorized"], ckpt["config"]
+        saved = ckpt["config"]
     except Exception as e:  # corrupt file, or one written by another version
         raise SystemExit(f"train.py: cannot load {path}: {str(e).splitlines()[0]}") from None
     for key in must_match:  # e.g. the memorized layers are indexed by position in this very split
-        if saved[key] != getattr(cfg, key):
-            raise SystemExit(f"train.py: {path} was trained with --{key}={saved[key]}, not {getattr(cfg, key)}")
-    return model, memorized, ckpt
+        was = saved.get(key, getattr(TrainConfig(), key))  # an option newer than the file: its default then
+        if was != getattr(cfg, key):
+            raise SystemExit(f"train.py: {path} was trained with --{key}={was}, not {getattr(cfg, key)}")
+    try:
+        model = (Decoder if cfg.task == "lm" else Encoder)(Config(**ckpt["model_config"])).to(cfg.device)
+        model.load_state_dict(ckpt["model"])
+    except Exception as e:
+        raise SystemExit(f"train.py: cannot load {path}: {str(e).splitlines()[0]}") from None
+    return model, ckpt["memorized"], ckpt
 
 
 # -----------------------------------------------------------------------------
@@ -534,6 +545,13 @@ def main(argv):
         except (OSError, ValueError, KeyError) as e:
             raise SystemExit(f"train.py: {e}") from None
         memorized, first = None, 1
+    if cfg.task == "lm":  # every layer's logits of the stage-2 windows are kept; a batch (with gradients) has them too
+        c = model.config
+        windows = max(cfg.lm_rl_windows, 2 * cfg.lm_test_windows, 3 * cfg.batch_size)
+        gib = windows * cfg.max_len * c.n_layer * c.vocab_size * 4 / 2**30
+        if gib > 8:
+            raise SystemExit(f"train.py: every layer's logits of {windows} windows would take {gib:.0f} GiB; lower "
+                             "--lm_rl_windows, --lm_test_windows, --batch_size or --max_len")
     if cfg.max_len > model.config.block_size:
         raise SystemExit(f"train.py: --max_len={cfg.max_len} exceeds the model's {model.config.block_size} positions")
     for stage in range(first, 4):

@@ -37,7 +37,7 @@ def test_lm_generation_figures(tmp_path):
         for pol in model.policies:
             pol.net[-1].weight.mul_(40)  # decisive policies: tokens exit at different layers
     torch.save({"model": model.state_dict(), "model_config": vars(model.config),
-                "config": {"max_len": 128, "seed": 1337}}, tmp_path / "lm.pt")
+                "config": {"max_len": 128, "seed": 1337, "lm_test_windows": 4}}, tmp_path / "lm.pt")
     out = bench.lm_generation(str(tmp_path / "lm.pt"), "cpu", 1, bench.timer("cpu"), new_tokens=8)
     assert out["speculative_identical_lm"] is True and 0 <= out["policy_agreement"] <= 1
     assert 1 <= out["policy_exit_mean_exit_layer"] <= 3 and out["policy_exit_speedup"] > 0

@@ -64,6 +64,8 @@ def test_stage3_loss_is_taken_at_the_sampled_exits():
     (["--estimator=ppo"], "--estimator must be"), (["--policy_conf=maybe"], "--policy_conf expects bool"),
     (["alpha=1"], "unknown option"), (["--epochs2=0"], "--epochs1/2/3 must be > 0"),
     (["--log_interval=0"], "--log_interval >= 1"), (["--lr1=-1e-5"], "--lr1/2/3 must be > 0"),
+    (["--task=lm", "--lm_heads=0"], "--lm_heads and --lm_width must be >= 1"),
+    (["--task=lm", "--lm_width=100", "--lm_heads=3"], "--lm_width must be a multiple of --lm_heads"),
 ])
 def test_bad_options_stop_with_one_line(argv, msg):
     with pytest.raises(SystemExit, match=msg):
@@ -180,3 +182,29 @@ def test_lm_from_a_gpt2_folder(tmp_path):
     assert "freshly initialised: policies" in r.stdout
     ckpt = torch.load(tmp_path / "out" / "stage1.pt", weights_only=True)
     assert ckpt["model_config"]["vocab_size"] == 50257 and ckpt["config"]["lr1"] == 5e-5
+
+
+def test_lm_refuses_logits_that_would_not_fit(tmp_path):
+    r = run(["--task=lm", "--lm_vocab=4096", "--lm_windows=20000", "--lm_rl_windows=20000", f"--out_dir={tmp_path}"],
+            tmp_path)
+    assert r.returncode == 1 and "would take 312 GiB" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_checkpoint_of_another_task_or_version_is_one_line(tmp_path):
+    model = Encoder(Config(n_layer=2, n_head=2, n_embd=16, n_inner=32, vocab_size=50, block_size=8))
+    old = {k: v for k, v in vars(train.TrainConfig()).items() if not k.startswith("lm_")}  # before --task=lm
+    torch.save({"model": model.state_dict(), "model_config": vars(model.config), "config": old, "stage": 1,
+                "memorized": None}, tmp_path / "stage1.pt")
+    cfg = train.TrainConfig(out_dir=str(tmp_path), device="cpu")
+    loaded, _, _ = train.load("stage1.pt", cfg)  # options newer than the file count as their defaults
+    assert torch.equal(loaded.wte.weight, model.wte.weight)
+    with pytest.raises(SystemExit, match="was trained with --task=rotten_tomatoes, not lm"):
+        train.load("stage1.pt", train.parse_args(["--task=lm", "--device=cpu", f"--out_dir={tmp_path}"]))
+
+
+def test_learning_rate_warms_up_then_decays():
+    assert [train.lr_factor(i, 100, 0) for i in (0, 50, 99)] == [1.0, 0.5, 0.01]  # no warm-up: linear decay
+    f = [train.lr_factor(i, 100, 5) for i in range(100)]
+    assert f[:6] == [1 / 6, 2 / 6, 3 / 6, 4 / 6, 5 / 6, 1.0] and f[-1] == 1 / 95
+    assert all(a > b for a, b in zip(f[5:], f[6:]))  # the peak is 1, then it only falls
+    assert [train.lr_factor(i, 20, 50) for i in (0, 2)] == [1 / 3, 1.0]  # warm-up: at most a tenth of the stage
