@@ -97,11 +97,11 @@ def next_token(logits, temperature, top_k, generator):
     return torch.multinomial(probs(logits, temperature, top_k), 1, generator=generator)
 
 
-def step(model, tok, cache, pos, rule, pending=None, finished=None):
+def step(model, tok, cache, pos, rule, pending=None, finished=None, folded=None):
     """
     Run one token (B, 1) at position pos layer by layer until `rule` lets it exit (rule None: never).
     Returns (logits (B, vocab), exit layer 1..L). Its skipped layers' keys/values: with pending None,
-    state copying, now. With a list (B = 1), deferred fill: the token waits in pending as
+    state copying, now (folded: model.folded_kv(), computed once by the caller). With a list (B = 1), deferred fill: the token waits in pending as
     (position, state (1, 1, C), next layer); when a later token reaches that layer, the waiting tokens
     due there join its rows and go on with it, until it stops (then they wait again) or ends at layer L.
     finished, a dict: every row that ends at layer L leaves there {position: full-depth logits (B, vocab)}.
@@ -125,7 +125,7 @@ def step(model, tok, cache, pos, rule, pending=None, finished=None):
         stop, _ = rule.decide(l, logits, p, None)
         if stop.all():  # the one host synchronisation per layer
             if pending is None:
-                model.copy_state_up(l, x, cache, pos)
+                model.copy_state_up(l, x, cache, pos, folded)
             else:
                 pending += [(r, x[:, i:i + 1], l + 1) for i, r in enumerate(rows)]
             return (model.exit_logits(state) if logits is None else logits), l + 1
@@ -165,11 +165,12 @@ def generate(model, idx, max_new_tokens, exit="none", threshold=0.5, temperature
                 "confidence": cee.ExitRule("maxprob", threshold)}[exit]
         cache = model.new_cache(idx.size(0), idx.size(1) + max_new_tokens)
         logits, out, exits, pending = prefill(model, idx, cache), [], [], [] if kv == "defer" else None
+        folded = model.folded_kv() if rule and kv == "copy" else None
         for pos in range(idx.size(1), idx.size(1) + max_new_tokens):
             tok = next_token(logits, temperature, top_k, generator)  # (B, 1)
             out.append(tok)
             if pos + 1 < idx.size(1) + max_new_tokens:
-                logits, e = step(model, tok, cache, pos, rule, pending)
+                logits, e = step(model, tok, cache, pos, rule, pending, folded=folded)
                 exits.append(e)
     mean_exit = sum(exits) / len(exits) if exits else float(model.config.n_layer)
     return torch.cat(out, 1), {"mean_exit_layer": mean_exit, "accepted_per_draft": None}

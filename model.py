@@ -98,14 +98,6 @@ class Attention(nn.Module):
         return F.dropout(self.proj(y), self.dropout, self.training)
 
 
-    def write_kv(self, x, cache, pos):
-        """Only write the keys and values of x (B, T, C) at positions pos.. into cache (a skipped layer)."""
-        B, T, C = x.shape
-        _, k, v = self.qkv(x).split(C, dim=2)
-        cache[0][:, :, pos:pos + T] = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, H, T, D)
-        cache[1][:, :, pos:pos + T] = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
-
-
 class MLP(nn.Module):
     def __init__(self, cfg):
         super().__init__()
@@ -319,22 +311,35 @@ class Decoder(Backbone):
         """The exit head of any layer: final LayerNorm + LM head. (..., C) -> (..., vocab)."""
         return self.lm_head(self.ln_f(x))
 
-    def copy_state_up(self, l, x, cache, pos):
+    def copy_state_up(self, l, x, cache, pos, folded=None):
         """
         A token that exits after layer l (0-based) leaves layers l+1.. without keys/values at its
         positions, yet later tokens attend to them. State copying (CALM, Schuster et al. 2022): treat the
-        exited state x (B, T, C) as the input of every skipped layer and write the K/V it gives.
+        exited state x (B, T, C) as the input of every skipped layer and write the K/V it gives, all the
+        skipped layers in one batched matmul (folded: folded_kv(), computed once per generation).
         """
-        for block, kv in zip(self.blocks[l + 1:], cache[l + 1:]):
-            block.attn.write_kv(block.ln_1(x), kv, pos)
+        W, b = self.folded_kv() if folded is None else folded
+        B, T, C = x.shape
+        n, H = self.config.n_layer - l - 1, self.config.n_head
+        xn = F.layer_norm(x, (C,), eps=self.config.ln_eps).view(1, B * T, C).expand(n, -1, -1)
+        kv = torch.baddbmm(b[l + 1:, None], xn, W[l + 1:].transpose(1, 2))  # (n, B*T, 2C)
+        cache[l + 1:, :, :, :, pos:pos + T] = kv.view(n, B, T, 2, H, C // H).permute(0, 3, 1, 4, 2, 5)
+
+    def folded_kv(self):
+        """
+        Every layer's key/value projection with its ln_1 folded in, stacked: (L, 2C, C) and (L, 2C).
+        ln_1(x) = n(x) * g + beta, n the plain normalisation, so layer j's K/V = n(x) W'_j^T + b'_j with
+        W'_j = W_j * g_j (each input column scaled) and b'_j = W_j beta_j + bias_j.
+        """
+        C = self.config.n_embd
+        parts = [(blk.attn.qkv.weight[C:], blk.attn.qkv.bias[C:], blk.ln_1) for blk in self.blocks]
+        return torch.stack([w * ln.weight for w, _, ln in parts]), torch.stack([w @ ln.bias + b for w, b, ln in parts])
 
     def new_cache(self, batch_size, max_len=None, device=None, dtype=None):
-        """Preallocated keys and values: cache[l] = (k, v), each (B, H, T_max, D)."""
+        """Preallocated keys and values, one tensor (L, 2, B, H, T_max, D): cache[l] is layer l's (k, v)."""
         c = self.config
-        shape = (batch_size, c.n_head, max_len or c.block_size, c.n_embd // c.n_head)
-        device, dtype = device or self.wte.weight.device, dtype or self.wte.weight.dtype
-        return [(torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype))
-                for _ in range(c.n_layer)]
+        shape = (c.n_layer, 2, batch_size, c.n_head, max_len or c.block_size, c.n_embd // c.n_head)
+        return torch.zeros(shape, device=device or self.wte.weight.device, dtype=dtype or self.wte.weight.dtype)
 
     def layer_states(self, idx):
         """[embedding output, layer 1 output, ..., layer L output], each (B, T, C)."""

@@ -61,14 +61,16 @@ def test_exited_token_leaves_copied_state_in_skipped_layers(gpt2_dir):
         idx = prompt()
         cache = model.new_cache(1, 16)
         generate.prefill(model, idx, cache)
-        before = [(k.clone(), v.clone()) for k, v in cache]
+        before = cache.clone()
         tok = torch.tensor([[42]])
         logits, exit_layer = generate.step(model, tok, cache, 7, cee.ExitRule("consistentee", 0.5))
         h = model.run_layer(0, model.embed(tok, 7), before, 7)  # its layer-1 state, after the same prompt
         assert exit_layer == 1 and torch.allclose(logits, model.exit_logits(h[:, -1]), atol=1e-5)
         for l in (1, 2, 3):
-            k = model.blocks[l].attn.qkv(model.blocks[l].ln_1(h))[..., 32:64]  # (1, 1, C) the key it copies
+            k, v = model.blocks[l].attn.qkv(model.blocks[l].ln_1(h))[..., 32:].split(32, -1)  # (1, 1, C) each
             assert torch.allclose(cache[l][0][0, :, 7], k.view(4, 8), atol=1e-5)
+            assert torch.allclose(cache[l][1][0, :, 7], v.view(4, 8), atol=1e-5)
+        assert torch.equal(cache[:, :, :, :, 8:], before[:, :, :, :, 8:])  # nothing written past its position
 
 
 def mixed_exits(model):
