@@ -69,10 +69,13 @@ def stage_loss(model, stage, s, logits, labels, memorized, cfg):
         return loss, {"loss/cls": loss.item()}
     L = logits.size(1)
     ce = exit_ce(logits, labels)  # (B, L)
+    # The reward scores each head against the label, or against the full-depth prediction (policy_target
+    # "full": the policy learns when a head agrees with the last one, the consistency CALM asks of generation)
+    ce_reward = ce if cfg.policy_target == "label" else exit_ce(logits, reward_target(logits, labels, cfg))
     # The policy learns from the reward only: it reads detached states, so no noisy REINFORCE gradient
     # reaches the backbone; in stage 3 the backbone learns from the loss at the exits actually taken.
     p = policy_probs(model, s.detach(), logits.detach())  # (B, L)
-    reward = rl.reward_table(ce.detach(), memorized, cfg.alpha)  # (B, L) reward of exiting at each layer
+    reward = rl.reward_table(ce_reward.detach(), memorized, cfg.alpha)  # (B, L) reward of exiting at each layer
     if cfg.estimator == "exact":
         weights = rl.exit_distribution(p).detach()  # (B, L)
         policy_loss = rl.expected_reward_loss(p, reward)
@@ -87,6 +90,11 @@ def stage_loss(model, stage, s, logits, labels, memorized, cfg):
     cls_loss = (weights * ce).sum(1).mean()  # consistent: CE only where the input exits
     logs["loss/cls"] = cls_loss.item()
     return cls_loss + policy_loss, logs
+
+
+def reward_target(logits, labels, cfg):
+    """What the reward and the memorized layer measure the heads against: the labels, or the last head's argmax."""
+    return labels if cfg.policy_target == "label" else logits[:, -1].detach().argmax(-1)
 
 
 def best_exits(logits, labels, memorized, alpha):

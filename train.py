@@ -62,6 +62,7 @@ class TrainConfig:
     epochs2: float = 5
     lr2: float = 3e-4
     policy_split: str = "train"  # stage 2 learns on "train", or "validation" (heads not fit there); stage 3 on train
+    policy_target: str = "label"  # the reward and memorized layer score heads against the "label", or the "full" depth's argmax
     # stage 3: all parameters, consistent loss + policy loss (on the training inputs; --task=lm: the lm_rl_windows)
     epochs3: float = 1
     lr3: float = 2e-5
@@ -86,9 +87,11 @@ class TrainConfig:
 
 
 # --task=lm: a small decoder learns from scratch, with a higher learning rate, a warm-up and beta2 0.95 (as
-# nanoGPT); each batch holds 32 x 128 inputs (token positions); its policy reads the state only
+# nanoGPT); each batch holds 32 x 128 inputs (token positions); its policy reads the state only, and learns
+# to agree with the full depth (what generation is judged by) at a lower depth penalty
 LM_DEFAULTS = {"out_dir": "out_lm", "init": "scratch", "lr1": 3e-3, "epochs1": 1, "lr3": 3e-4, "batch_size": 32,
-               "epochs2": 10, "epochs3": 1, "warmup": 20, "beta2": 0.95, "policy_conf": False}
+               "epochs2": 10, "epochs3": 1, "warmup": 20, "beta2": 0.95, "policy_conf": False,
+               "policy_target": "full", "alpha": 0.05}
 
 
 def overrides(cfg, argv, prog, doc):
@@ -130,6 +133,7 @@ def parse_args(argv):
               (cfg.estimator in ("reinforce", "exact"), "--estimator must be reinforce or exact"),
               (cfg.pool in ("mean", "cls"), "--pool must be mean or cls"), (cfg.batch_size >= 1, "--batch_size >= 1"),
               (cfg.policy_split in ("train", "validation"), "--policy_split must be train or validation"),
+              (cfg.policy_target in ("label", "full"), "--policy_target must be label or full"),
               (0 <= cfg.threshold <= 1, "--threshold must lie in [0, 1]"), (cfg.log_interval >= 1, "--log_interval >= 1"),
               (cfg.ckpt_interval >= 1, "--ckpt_interval >= 1"), (cfg.warmup >= 0, "--warmup >= 0"),
               (0 < cfg.beta2 < 1, "--beta2 must lie in (0, 1)"),
@@ -244,7 +248,7 @@ def run_stage(model, stage, task, memorized, cfg, train_pass=None, resume=None):
         if cfg.policy_split != "train" or train_pass is None:
             train_pass = gathered_layers(model, split, cfg)
         s_all, logits_all, labels_all = train_pass
-        mem_all = memorized if cfg.policy_split == "train" else memorized_of(logits_all, labels_all)
+        mem_all = memorized if cfg.policy_split == "train" else memorized_of(logits_all, labels_all, cfg)
         params = list(model.policies.parameters())
     else:  # stage 3 trains on the inputs whose memorized layers were kept
         split, params = task["train" if stage == 1 else "train_rl"], list(model.parameters())
@@ -334,8 +338,20 @@ def run_stage(model, stage, task, memorized, cfg, train_pass=None, resume=None):
     return time.time() - t0
 
 
-def memorized_of(logits, labels):
-    return cee.memorized_layer(logits.argmax(-1), labels)
+def memorized_of(logits, labels, cfg=None):
+    """Each input's memorized layer; with cfg, against what its policy_target names (label or full-depth argmax)."""
+    return cee.memorized_layer(logits.argmax(-1), labels if cfg is None else cee.reward_target(logits, labels, cfg))
+
+
+def hardness(model, task, cfg):
+    """all_layers of the stage-2/3 training inputs by the stage-1 model, and their memorized layers."""
+    train_pass = gathered_layers(model, task["train_rl"], cfg)
+    logits, labels = train_pass[1:]
+    memorized = memorized_of(logits, labels, cfg)
+    log("memorized layer of the training inputs: " + shares(memorized, model.config.n_layer))
+    log(f"reward-optimal exit layer (knowing the targets) at alpha {cfg.alpha}: " +
+        shares(cee.best_exits(logits, cee.reward_target(logits, labels, cfg), memorized, cfg.alpha), model.config.n_layer))
+    return train_pass, memorized
 
 
 def shares(layers, L):
@@ -536,9 +552,13 @@ def main(argv):
         same = [f.name for f in fields(TrainConfig) if f.name not in free]
         model, memorized, resume = load("resume.pt", cfg, same)
         first = resume["stage"]
-    elif cfg.stage > 1:
-        model, memorized, _ = load(f"stage{cfg.stage - 1}.pt", cfg)
-        first = cfg.stage
+    elif cfg.stage == 2:  # the memorized layers again, as they depend on --policy_target
+        model, _, _ = load("stage1.pt", cfg)
+        train_pass, memorized = hardness(model, task, cfg)
+        first = 2
+    elif cfg.stage == 3:
+        model, memorized, _ = load("stage2.pt", cfg, SAME_DATA_AND_MODEL + ("policy_target",))
+        first = 3
     else:
         try:
             model = new_model(cfg, task).to(cfg.device)
@@ -557,12 +577,8 @@ def main(argv):
     for stage in range(first, 4):
         seconds[f"stage{stage}"] = run_stage(model, stage, task, memorized, cfg, train_pass,
                                              resume if stage == first else None)
-        if stage == 1:  # the hardness of every training input, by the stage-1 heads
-            train_pass = gathered_layers(model, task["train_rl"], cfg)
-            memorized = memorized_of(*train_pass[1:])
-            log("memorized layer of the training inputs: " + shares(memorized, model.config.n_layer))
-            log(f"reward-optimal exit layer (knowing the labels) at alpha {cfg.alpha}: " +
-                shares(cee.best_exits(*train_pass[1:], memorized, cfg.alpha), model.config.n_layer))
+        if stage == 1:
+            train_pass, memorized = hardness(model, task, cfg)
         save(model, stage, memorized, cfg)
         if WORLD > 1:
             check_replicas(model, stage)

@@ -132,3 +132,14 @@ def test_two_processes_train_identical_replicas(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     one, two = (torch.load(tmp_path / d / "stage1.pt", weights_only=True)["model"] for d in ("one", "two"))
     assert max((one[k] - two[k]).abs().max().item() for k in one) < 1e-2
+
+
+def test_two_processes_train_a_language_model(tmp_path):
+    """torchrun --task=lm: the windows are sharded like texts, and the replicas stay identical."""
+    args = [str(train.__file__), "--task=lm", "--lm_windows=16", "--lm_rl_windows=8", "--lm_test_windows=2",
+            "--max_len=16", "--batch_size=4", "--lm_layers=2", "--lm_width=16", "--lm_heads=2", "--out_dir=two"]
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *args],
+                       cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert all(f"replicas identical after stage {s} (2 processes)" in r.stdout for s in (1, 2, 3))
+    assert torch.load(tmp_path / "two" / "stage3.pt", weights_only=True)["memorized"].shape == (8 * 16,)

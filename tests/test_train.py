@@ -42,6 +42,40 @@ def test_policy_exits_easy_inputs_earlier_than_hard(estimator):
             > 0.95)
 
 
+@pytest.mark.parametrize("target", ["label", "full"])
+def test_policy_target_label_learns_to_be_right_full_to_agree(target):
+    """On half the inputs every head is right; on the other half heads 1..L-1 are right and the last one is
+    wrong. Scored against the label, the policy exits both halves at layer 1 (right is what pays); scored
+    against the full depth's prediction, it runs the second half to layer L (agreeing with it is what pays)."""
+    torch.manual_seed(0)
+    N, L, C = 256, 4, 8
+    model = Encoder(Config(n_layer=L, n_head=2, n_embd=C, n_inner=16, vocab_size=10, block_size=8, n_labels=2))
+    labels = torch.randint(0, 2, (N,))
+    last_right = torch.arange(N) % 2 == 0
+    s = torch.randn(N, L, C) * 0.1
+    s[:, :, 0] = last_right.float()[:, None] * 2 - 1  # the state tells the halves apart
+    guess = labels[:, None].repeat(1, L)
+    guess[~last_right, -1] = 1 - labels[~last_right]
+    logits = torch.nn.functional.one_hot(guess, 2).float() * 3  # (N, L, 2)
+    cfg = train.TrainConfig(alpha=0.5, estimator="exact", policy_target=target)
+    memorized = train.memorized_of(logits, labels, cfg)
+    assert memorized[last_right].eq(1).all() and memorized[~last_right].eq(L).all()  # hard, either way
+    opt = torch.optim.Adam(model.policies.parameters(), lr=1e-2)
+    for step in range(150):
+        i = torch.randint(0, N, (32,))
+        loss, _ = cee.stage_loss(model, 2, s[i], logits[i], labels[i], memorized[i], cfg)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        exits = cee.exit_layers(cee.ExitRule("consistentee", 0.5), logits, cee.policy_probs(model, s, logits))
+    assert exits[last_right].float().mean() < 1.2
+    if target == "label":
+        assert exits[~last_right].float().mean() < 1.2
+    else:
+        assert exits[~last_right].float().mean() > L - 0.2
+
+
 def test_stage3_loss_is_taken_at_the_sampled_exits():
     torch.manual_seed(0)
     model = Encoder(Config(n_layer=3, n_head=2, n_embd=8, n_inner=16, vocab_size=10, block_size=8))
@@ -61,7 +95,7 @@ def test_stage3_loss_is_taken_at_the_sampled_exits():
 @pytest.mark.parametrize("argv,msg", [
     (["--nope=1"], "unknown option '--nope=1'"), (["--alpha=abc"], "--alpha expects float, got 'abc'"),
     (["--alpha=-1"], "--alpha must be >= 0"), (["--K=0"], "--K must be >= 1"),
-    (["--estimator=ppo"], "--estimator must be"), (["--policy_conf=maybe"], "--policy_conf expects bool"),
+    (["--estimator=ppo"], "--estimator must be"), (["--policy_target=gold"], "--policy_target must be label or full"), (["--policy_conf=maybe"], "--policy_conf expects bool"),
     (["alpha=1"], "unknown option"), (["--epochs2=0"], "--epochs1/2/3 must be > 0"),
     (["--log_interval=0"], "--log_interval >= 1"), (["--lr1=-1e-5"], "--lr1/2/3 must be > 0"),
     (["--task=lm", "--lm_heads=0"], "--lm_heads and --lm_width must be >= 1"),
