@@ -128,7 +128,7 @@ def generation(device, repeats, now):
     hf = hf.to(device).eval()
     idx = torch.randint(0, 50257, (1, 16), generator=torch.Generator().manual_seed(0)).to(device)
     kw = dict(do_sample=False, max_new_tokens=32, min_new_tokens=32, pad_token_id=0, attention_mask=torch.ones_like(idx))
-    with torch.no_grad():
+    with torch.inference_mode():
         full, _ = generate.generate(ours, idx, 32)
         spec, _ = generate.generate(ours, idx, 32, "speculative")
         ratio = interleaved(partial(hf.generate, idx, **kw), partial(generate.generate, ours, idx, 32), repeats, now)
@@ -139,7 +139,7 @@ def lm_generation(ckpt, device, repeats, now, new_tokens=96):
     """
     The trained language model (python train.py --task=lm): greedy continuations, 96 tokens each, of 4
     test prompts of 16 tokens; full depth vs policy exits (state copying, the default, and deferred fill)
-    vs self-speculative decoding, each with generate.py's defaults (threshold 0.5, draft_len 8).
+    vs self-speculative decoding, each with generate.py's defaults (threshold 0.5, draft_len 4).
     Also the share of a token's multiply-adds spent in the layers rather than the LM head.
     """
     import generate
@@ -202,7 +202,7 @@ def main(argv):
     import transformers  # what users would otherwise pick, on the same (MiniLM) weights
     hf = transformers.BertModel.from_pretrained(path).to(device).eval()
     minilm = Encoder.from_pretrained(path).to(device).eval()
-    with torch.no_grad():
+    with torch.inference_mode():
         for name, batches in (("batch_1", singles), ("batch_64", [b64])):
             exits = torch.cat([e for _, e in over(batches, partial(cee.early_exit, model, rule=policy))()])
             mean_exit = exits.float().mean().item()

@@ -156,7 +156,7 @@ def exit_layers(rule, logits, p=None):
     return exits
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def early_exit(model, input_ids, attention_mask, rule):
     """
     Batched early-exit inference with an Encoder in eval mode: run layer after layer, and after each one

@@ -13,6 +13,7 @@ folder with explicit key maps, as nanoGPT's GPT.from_pretrained does.
 """
 import json
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -443,4 +444,4 @@ def load_weights(model, keys, key_map, path):
         raise ValueError(f"{path}: unexpected key {unexpected[0]!r} ({len(unexpected)} in all) for "
                          f"{type(model).__name__}")
     fresh = sorted({k.split(".")[0] for k in params if k not in key_map and k != "lm_head.weight"})
-    print(f"loaded {len(key_map)} tensors from {path}; freshly initialised: {', '.join(fresh) or 'nothing'}")
+    print(f"loaded {len(key_map)} tensors from {path}; freshly initialised: {', '.join(fresh) or 'nothing'}", file=sys.stderr)

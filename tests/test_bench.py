@@ -17,7 +17,7 @@ def test_bench_json_shape(tmp_path):
                         f"--ckpt={tmp_path / 'none.pt'}", f"--lm_ckpt={tmp_path / 'none.pt'}"],
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
-    out = json.loads(r.stdout.strip().splitlines()[-1])
+    out = json.loads(r.stdout)  # the whole output is one JSON object
     assert out["model"] == "random-init MiniLM shape"
     for key in ("realized_over_layer_speedup", "ours_over_hf_inference"):
         assert set(out[key]) == {"batch_1", "batch_64"} and all(v > 0 for v in out[key].values())

@@ -151,7 +151,7 @@ def test_kv_cache_fills_skipped_positions_in_one_later_pass():
 def test_untrained_parts_are_reported(tmp_path, capsys):
     save_bert(tmp_path)
     Encoder.from_pretrained(tmp_path)
-    assert "freshly initialised: heads, policies" in capsys.readouterr().out
+    assert "freshly initialised: heads, policies" in capsys.readouterr().err
 
 
 def test_bad_folders(tmp_path):

@@ -203,7 +203,7 @@ def test_lm_smoke_run_then_generate(tmp_path):
     g = subprocess.run([sys.executable, generate.__file__, f"--ckpt={out / 'stage3.pt'}", "--prompt=Hi",
                         "--exit=policy", "--max_new_tokens=5", "--json"], capture_output=True, text=True, timeout=300)
     assert g.returncode == 0, g.stderr[-2000:]
-    assert json.loads(g.stdout.strip().splitlines()[-1])["tokens"] == 5
+    assert json.loads(g.stdout)["tokens"] == 5
 
 
 def test_lm_from_a_gpt2_folder(tmp_path):
@@ -213,7 +213,7 @@ def test_lm_from_a_gpt2_folder(tmp_path):
                                  ).save_pretrained(tmp_path / "gpt2")
     r = run(lm_args(tmp_path / "out") + [f"--init={tmp_path / 'gpt2'}"], tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert "freshly initialised: policies" in r.stdout
+    assert "freshly initialised: policies" in r.stderr
     ckpt = torch.load(tmp_path / "out" / "stage1.pt", weights_only=True)
     assert ckpt["model_config"]["vocab_size"] == 50257 and ckpt["config"]["lr1"] == 5e-5
 
