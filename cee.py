@@ -62,7 +62,7 @@ def stage_loss(model, stage, s, logits, labels, memorized, cfg):
     """
     The loss of one batch in training stage 1, 2 or 3 (one function, so the stages cannot drift apart).
     s (B, L, C) exit states, logits (B, L, n) every head's output, labels (B,), memorized (B,) the
-    inputs' memorized layers; cfg gives alpha, K and estimator. Returns (loss, {name: value} to log).
+    inputs' memorized layers; cfg gives alpha, K, estimator and policy_target. Returns (loss, {name: value} to log).
     """
     if stage == 1:
         loss = weighted_exit_loss(logits, labels)

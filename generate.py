@@ -101,8 +101,9 @@ def step(model, tok, cache, pos, rule, pending=None, finished=None, folded=None)
     """
     Run one token (B, 1) at position pos layer by layer until `rule` lets it exit (rule None: never).
     Returns (logits (B, vocab), exit layer 1..L). Its skipped layers' keys/values: with pending None,
-    state copying, now (folded: model.folded_kv(), computed once by the caller). With a list (B = 1), deferred fill: the token waits in pending as
-    (position, state (1, 1, C), next layer); when a later token reaches that layer, the waiting tokens
+    state copying, now (folded: model.folded_kv() of the current weights; None computes it here, the
+    cost of every layer's K/V weights). With a list (B = 1), deferred fill: the token waits in pending
+    as (position, state (1, 1, C), next layer); when a later token reaches that layer, the waiting tokens
     due there join its rows and go on with it, until it stops (then they wait again) or ends at layer L.
     finished, a dict: every row that ends at layer L leaves there {position: full-depth logits (B, vocab)}.
     """

@@ -317,7 +317,8 @@ class Decoder(Backbone):
         A token that exits after layer l (0-based) leaves layers l+1.. without keys/values at its
         positions, yet later tokens attend to them. State copying (CALM, Schuster et al. 2022): treat the
         exited state x (B, T, C) as the input of every skipped layer and write the K/V it gives, all the
-        skipped layers in one batched matmul (folded: folded_kv(), computed once per generation).
+        skipped layers in one batched matmul (folded: folded_kv() of the current weights, computed once per
+        generation; None computes it here).
         """
         W, b = self.folded_kv() if folded is None else folded
         B, T, C = x.shape

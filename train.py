@@ -8,12 +8,13 @@ then evaluate ConsistentEE against the classic exit rules on the test split.
 
     python train.py                          # Rotten Tomatoes, all-MiniLM-L6-v2, ~7.5 minutes on 2 cores
     python train.py --alpha=0.05 --stage=2   # rerun stage 2 (and 3) from out/stage1.pt
-    python train.py --task=lm                # a GPT-2 style decoder from scratch on IMDB text, ~9.5 minutes
+    python train.py --task=lm                # a GPT-2 style decoder from scratch on IMDB text, ~10 minutes
     python train.py --help                   # every option
 
 With --task=lm every token position is one input: its exit state is its hidden state, its label the
-next token, its memorized layer the first layer from which every head predicts that token. The options
-in LM_DEFAULTS then take other defaults (each can still be set).
+next token. The options in LM_DEFAULTS then take other defaults (each can still be set); among them
+policy_target=full: the reward and the memorized layer (the first layer from which every head agrees)
+measure the heads against the full depth's own token rather than the text's.
 """
 import inspect
 import json
@@ -338,9 +339,9 @@ def run_stage(model, stage, task, memorized, cfg, train_pass=None, resume=None):
     return time.time() - t0
 
 
-def memorized_of(logits, labels, cfg=None):
-    """Each input's memorized layer; with cfg, against what its policy_target names (label or full-depth argmax)."""
-    return cee.memorized_layer(logits.argmax(-1), labels if cfg is None else cee.reward_target(logits, labels, cfg))
+def memorized_of(logits, labels, cfg):
+    """Each input's memorized layer, against what cfg.policy_target names (the label or the full depth's argmax)."""
+    return cee.memorized_layer(logits.argmax(-1), cee.reward_target(logits, labels, cfg))
 
 
 def hardness(model, task, cfg):
@@ -436,7 +437,7 @@ def evaluate_and_report(test, cfg, seconds):
     for name in ("static", "entropy", "patience", "maxprob"):
         methods += cee.sweep(name, g[name], lg1, y)
     stage2 = cee.sweep("consistentee", g["consistentee"], lg1, y, p2)
-    memorized = memorized_of(lg1, y)  # hardness of the test inputs, by the stage-1 heads
+    memorized = memorized_of(lg1, y, cfg)  # hardness of the test inputs, by the stage-1 heads
     exits = cee.exit_layers(cee.ExitRule("consistentee", cfg.threshold), lg3, p3)
     buckets = {l: exits[memorized == l].float().mean().item() for l in range(1, L + 1) if (memorized == l).any()}
     if cfg.task != "lm":  # a language model's time is measured generating: generate.py, bench.py
@@ -451,7 +452,7 @@ def evaluate_and_report(test, cfg, seconds):
               "best_speedup": cee.best_speedups(methods + [{**m, "name": "consistentee_stage2"} for m in stage2], full),
               "exit_by_memorized_layer": {"mean_exit": buckets, "count": {l: int((memorized == l).sum())
                                                                           for l in buckets},
-                                          "threshold": cfg.threshold,
+                                          "threshold": cfg.threshold, "target": cfg.policy_target,
                                           "rank_correlation": cee.rank_correlation(memorized, exits)}}
     path = os.path.join(cfg.out_dir, "report.json")
     with open(path + ".tmp", "w") as f:
@@ -475,7 +476,7 @@ def print_table(r):
         print(f"{m['name']:<14}{m['param']:>8.3g}{m['accuracy']:>10.3f}{m['agreement']:>11.3f}{m['avg_layers']:>8.2f}"
               f"{m['speedup']:>8.2f}x")
     e = r["exit_by_memorized_layer"]
-    print(f"mean exit layer by memorized layer (threshold {e['threshold']}): " +
+    print(f"mean exit layer by memorized layer ({e.get('target', 'label')}; threshold {e['threshold']}): " +
           ", ".join(f"m={l}: {v:.2f} (n={e['count'][l]})" for l, v in e["mean_exit"].items()) +
           f"; rank correlation {e['rank_correlation']:.3f}")
     print("best speed-up at no accuracy loss / within 1 point / agreeing with full depth >= 90%: " + ", ".join(
@@ -552,10 +553,9 @@ def main(argv):
         same = [f.name for f in fields(TrainConfig) if f.name not in free]
         model, memorized, resume = load("resume.pt", cfg, same)
         first = resume["stage"]
-    elif cfg.stage == 2:  # the memorized layers again, as they depend on --policy_target
+    elif cfg.stage == 2:
         model, _, _ = load("stage1.pt", cfg)
-        train_pass, memorized = hardness(model, task, cfg)
-        first = 2
+        memorized, first = None, 2  # computed again below: they depend on --policy_target
     elif cfg.stage == 3:
         model, memorized, _ = load("stage2.pt", cfg, SAME_DATA_AND_MODEL + ("policy_target",))
         first = 3
@@ -574,6 +574,8 @@ def main(argv):
                              "--lm_rl_windows, --lm_test_windows, --batch_size or --max_len")
     if cfg.max_len > model.config.block_size:
         raise SystemExit(f"train.py: --max_len={cfg.max_len} exceeds the model's {model.config.block_size} positions")
+    if first == 2 and memorized is None:
+        train_pass, memorized = hardness(model, task, cfg)
     for stage in range(first, 4):
         seconds[f"stage{stage}"] = run_stage(model, stage, task, memorized, cfg, train_pass,
                                              resume if stage == first else None)

@@ -121,7 +121,8 @@ def test_two_processes_train_identical_replicas(tmp_path):
     is the one process's within noise (only dropout draws differ). 97 training rows in batches of 8:
     the last batch has 1 row, too few for 2 processes, and is skipped by both."""
     write_task(tmp_path, n=121)
-    args = [str(train.__file__), "--task=task.csv", "--epochs1=1", "--epochs2=1", "--epochs3=1", "--batch_size=8"]
+    args = [str(train.__file__), "--task=task.csv", "--epochs1=1", "--epochs2=1", "--epochs3=1", "--batch_size=8",
+            "--device=cpu"]
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                         *args, "--out_dir=two"], cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -137,7 +138,8 @@ def test_two_processes_train_identical_replicas(tmp_path):
 def test_two_processes_train_a_language_model(tmp_path):
     """torchrun --task=lm: the windows are sharded like texts, and the replicas stay identical."""
     args = [str(train.__file__), "--task=lm", "--lm_windows=16", "--lm_rl_windows=8", "--lm_test_windows=2",
-            "--max_len=16", "--batch_size=4", "--lm_layers=2", "--lm_width=16", "--lm_heads=2", "--out_dir=two"]
+            "--max_len=16", "--batch_size=4", "--lm_layers=2", "--lm_width=16", "--lm_heads=2", "--out_dir=two",
+            "--device=cpu"]
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *args],
                        cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]

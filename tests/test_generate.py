@@ -56,7 +56,11 @@ def test_speculative_is_identical_to_full_depth(gpt2_dir, bias, draft_len):
 
 def test_exited_token_leaves_copied_state_in_skipped_layers(gpt2_dir):
     model = Decoder.from_pretrained(gpt2_dir).eval()
+    torch.manual_seed(0)
     with torch.no_grad():
+        for block in model.blocks:  # a LayerNorm gain and bias, and a K/V bias, for the folding to get right
+            for p in (block.ln_1.weight, block.ln_1.bias, block.attn.qkv.bias):
+                p.copy_(torch.randn_like(p))
         model.policies[0].net[-1].bias.fill_(30.0)  # every token exits after layer 1
         idx = prompt()
         cache = model.new_cache(1, 16)
@@ -64,13 +68,14 @@ def test_exited_token_leaves_copied_state_in_skipped_layers(gpt2_dir):
         before = cache.clone()
         tok = torch.tensor([[42]])
         logits, exit_layer = generate.step(model, tok, cache, 7, cee.ExitRule("consistentee", 0.5))
-        h = model.run_layer(0, model.embed(tok, 7), before, 7)  # its layer-1 state, after the same prompt
+        h = model.run_layer(0, model.embed(tok, 7), before, 7)  # its layer-1 state (writes before's layer 0 as step did)
         assert exit_layer == 1 and torch.allclose(logits, model.exit_logits(h[:, -1]), atol=1e-5)
         for l in (1, 2, 3):
             k, v = model.blocks[l].attn.qkv(model.blocks[l].ln_1(h))[..., 32:].split(32, -1)  # (1, 1, C) each
             assert torch.allclose(cache[l][0][0, :, 7], k.view(4, 8), atol=1e-5)
             assert torch.allclose(cache[l][1][0, :, 7], v.view(4, 8), atol=1e-5)
         assert torch.equal(cache[:, :, :, :, 8:], before[:, :, :, :, 8:])  # nothing written past its position
+        assert torch.equal(cache[0], before[0])  # nor in the layer it ran
 
 
 def mixed_exits(model):

@@ -148,6 +148,32 @@ def test_kv_cache_fills_skipped_positions_in_one_later_pass():
         assert torch.allclose(x, full[3][:, 6:8], atol=1e-5)
 
 
+@pytest.mark.parametrize("l", [0, 1])
+def test_state_copying_writes_each_skipped_layers_kv(l):
+    """copy_state_up (one batched matmul, LayerNorms folded in) = ln_1 then the K/V projection, layer by layer,
+    for 2 sequences x 2 positions; the layers up to l and the other positions are left alone."""
+    dec = tiny_decoder()
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for block in dec.blocks:
+            for p in (block.ln_1.weight, block.ln_1.bias, block.attn.qkv.bias):
+                p.copy_(torch.randn_like(p))
+        cache = dec.new_cache(2)
+        before = cache.clone()
+        x = torch.randn(2, 2, dec.config.n_embd)
+        dec.copy_state_up(l, x, cache, 5)
+        B, T, C = x.shape
+        H = dec.config.n_head
+        for j in range(dec.config.n_layer):
+            if j <= l:
+                assert torch.equal(cache[j], before[j])
+                continue
+            _, k, v = dec.blocks[j].attn.qkv(dec.blocks[j].ln_1(x)).split(C, -1)  # (B, T, C) each
+            for got, want in ((cache[j, 0], k), (cache[j, 1], v)):
+                assert torch.allclose(got[:, :, 5:7], want.view(B, T, H, C // H).transpose(1, 2), atol=1e-5)
+                assert not got[:, :, :5].any() and not got[:, :, 7:].any()
+
+
 def test_untrained_parts_are_reported(tmp_path, capsys):
     save_bert(tmp_path)
     Encoder.from_pretrained(tmp_path)

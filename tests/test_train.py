@@ -76,6 +76,15 @@ def test_policy_target_label_learns_to_be_right_full_to_agree(target):
         assert exits[~last_right].float().mean() > L - 0.2
 
 
+def test_memorized_layer_follows_the_policy_target():
+    """Every head agrees on a wrong token: hard for the label (layer L), easy for the full depth (layer 1)."""
+    logits = torch.nn.functional.one_hot(torch.zeros(2, 3, dtype=torch.long), 4).float()  # (2, 3, 4) all say 0
+    labels = torch.tensor([1, 0])
+    for target, want in (("label", [3, 1]), ("full", [1, 1])):
+        got = train.memorized_of(logits, labels, train.TrainConfig(policy_target=target))
+        assert got.tolist() == want
+
+
 def test_stage3_loss_is_taken_at_the_sampled_exits():
     torch.manual_seed(0)
     model = Encoder(Config(n_layer=3, n_head=2, n_embd=8, n_inner=16, vocab_size=10, block_size=8))
@@ -166,6 +175,7 @@ def test_missing_checkpoint_is_one_line(tmp_path):
 def test_lm_takes_its_own_defaults_unless_given():
     cfg = train.parse_args(["--task=lm", "--batch_size=4"])
     assert (cfg.init, cfg.lr1, cfg.batch_size, cfg.policy_conf) == ("scratch", 3e-3, 4, False)
+    assert (cfg.policy_target, cfg.alpha) == ("full", 0.05)
     assert train.parse_args(["--task=lm", "--init=some/gpt2"]).lr1 == 5e-5  # fine-tuning, not from scratch
     assert train.parse_args([]).lr1 == train.TrainConfig().lr1  # classification keeps its own
     with pytest.raises(SystemExit, match="--lm_rl_windows must lie in"):
@@ -200,6 +210,13 @@ def test_lm_smoke_run_then_generate(tmp_path):
     assert sum(report["exit_by_memorized_layer"]["count"].values()) == 2 * 16  # every test token is an input
     ckpt = torch.load(out / "stage3.pt", weights_only=True)
     assert ckpt["memorized"].shape == (4 * 16,) and ckpt["model_config"]["vocab_size"] == 257
+    small = ["--lm_layers=3", "--lm_width=32", "--lm_heads=2"]
+    r = run(lm_args(out) + small + ["--stage=2", "--policy_target=label"], tmp_path)  # memorized layers again
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "memorized layer of the training inputs" in r.stdout and "stage 2 step 2/2" in r.stderr
+    assert json.loads((out / "report.json").read_text())["exit_by_memorized_layer"]["target"] == "label"
+    r = run(lm_args(out) + small + ["--stage=3"], tmp_path)
+    assert r.returncode == 1 and "was trained with --policy_target=label, not full" in r.stderr
     g = subprocess.run([sys.executable, generate.__file__, f"--ckpt={out / 'stage3.pt'}", "--prompt=Hi",
                         "--exit=policy", "--max_new_tokens=5", "--json"], capture_output=True, text=True, timeout=300)
     assert g.returncode == 0, g.stderr[-2000:]
