@@ -12,22 +12,19 @@ import train
 from model import Config, Decoder, Encoder
 
 
-@pytest.mark.parametrize("estimator", ["reinforce", "exact"])
-def test_policy_exits_easy_inputs_earlier_than_hard(estimator):
-    """Synthetic task of known hardness: easy inputs are decided by every head, hard ones only by the last."""
-    torch.manual_seed(0)
-    N, L, C = 256, 4, 8
-    model = Encoder(Config(n_layer=L, n_head=2, n_embd=C, n_inner=16, vocab_size=10, block_size=8, n_labels=2))
-    labels = torch.randint(0, 2, (N,))
-    easy = torch.arange(N) % 2 == 0
-    s = torch.randn(N, L, C) * 0.1
-    s[:, :, 0] = easy.float()[:, None] * 2 - 1  # the state tells easy (+1) from hard (-1)
-    right = torch.where(easy[:, None], torch.ones(N, L, dtype=torch.bool), torch.arange(L) == L - 1)  # (N, L)
-    guess = torch.where(right, labels[:, None], 1 - labels[:, None])  # each head's prediction
-    logits = torch.nn.functional.one_hot(guess, 2).float() * 3  # (N, L, 2) equally confident, right or wrong
-    memorized = cee.memorized_layer(guess, labels)
-    assert memorized[easy].eq(1).all() and memorized[~easy].eq(L).all()
-    cfg = train.TrainConfig(alpha=0.5, estimator=estimator)
+N, L = 256, 4  # the synthetic policy tasks: inputs, layers
+
+
+def synthetic(halves, guess):
+    """A model, states that tell the two halves of the inputs apart, and one-hot logits (N, L, 2) of guess."""
+    model = Encoder(Config(n_layer=L, n_head=2, n_embd=8, n_inner=16, vocab_size=10, block_size=8, n_labels=2))
+    s = torch.randn(N, L, 8) * 0.1
+    s[:, :, 0] = halves.float()[:, None] * 2 - 1  # the state says which half (+1 or -1)
+    return model, s, torch.nn.functional.one_hot(guess, 2).float() * 3  # equally confident, right or wrong
+
+
+def trained_exits(model, s, logits, labels, memorized, cfg):
+    """Stage 2 on the synthetic task for 150 steps; then every input's exit layer at threshold 0.5."""
     opt = torch.optim.Adam(model.policies.parameters(), lr=1e-2)
     for step in range(150):
         i = torch.randint(0, N, (32,))
@@ -36,10 +33,25 @@ def test_policy_exits_easy_inputs_earlier_than_hard(estimator):
         loss.backward()
         opt.step()
     with torch.no_grad():
-        exits = cee.exit_layers(cee.ExitRule("consistentee", 0.5), logits, cee.policy_probs(model, s, logits))
+        return cee.exit_layers(cee.ExitRule("consistentee", 0.5), logits, cee.policy_probs(model, s, logits))
+
+
+@pytest.mark.parametrize("estimator", ["reinforce", "exact"])
+def test_policy_exits_easy_inputs_earlier_than_hard(estimator):
+    """Synthetic task of known hardness: easy inputs are decided by every head, hard ones only by the last."""
+    torch.manual_seed(0)
+    labels = torch.randint(0, 2, (N,))
+    easy = torch.arange(N) % 2 == 0
+    right = torch.where(easy[:, None], torch.ones(N, L, dtype=torch.bool), torch.arange(L) == L - 1)  # (N, L)
+    guess = torch.where(right, labels[:, None], 1 - labels[:, None])  # each head's prediction
+    model, s, logits = synthetic(easy, guess)
+    memorized = cee.memorized_layer(guess, labels)
+    assert memorized[easy].eq(1).all() and memorized[~easy].eq(L).all()
+    exits = trained_exits(model, s, logits, labels, memorized, train.TrainConfig(alpha=0.5, estimator=estimator))
     assert exits[easy].float().mean() < 1.2 and exits[~easy].float().mean() > L - 0.2
-    assert (cee.sweep("consistentee", [0.5], logits, labels, cee.policy_probs(model, s, logits))[0]["accuracy"]
-            > 0.95)
+    with torch.no_grad():
+        p = cee.policy_probs(model, s, logits)
+    assert cee.sweep("consistentee", [0.5], logits, labels, p)[0]["accuracy"] > 0.95
 
 
 @pytest.mark.parametrize("target", ["label", "full"])
@@ -48,27 +60,15 @@ def test_policy_target_label_learns_to_be_right_full_to_agree(target):
     wrong. Scored against the label, the policy exits both halves at layer 1 (right is what pays); scored
     against the full depth's prediction, it runs the second half to layer L (agreeing with it is what pays)."""
     torch.manual_seed(0)
-    N, L, C = 256, 4, 8
-    model = Encoder(Config(n_layer=L, n_head=2, n_embd=C, n_inner=16, vocab_size=10, block_size=8, n_labels=2))
     labels = torch.randint(0, 2, (N,))
     last_right = torch.arange(N) % 2 == 0
-    s = torch.randn(N, L, C) * 0.1
-    s[:, :, 0] = last_right.float()[:, None] * 2 - 1  # the state tells the halves apart
     guess = labels[:, None].repeat(1, L)
     guess[~last_right, -1] = 1 - labels[~last_right]
-    logits = torch.nn.functional.one_hot(guess, 2).float() * 3  # (N, L, 2)
+    model, s, logits = synthetic(last_right, guess)
     cfg = train.TrainConfig(alpha=0.5, estimator="exact", policy_target=target)
     memorized = train.memorized_of(logits, labels, cfg)
     assert memorized[last_right].eq(1).all() and memorized[~last_right].eq(L).all()  # hard, either way
-    opt = torch.optim.Adam(model.policies.parameters(), lr=1e-2)
-    for step in range(150):
-        i = torch.randint(0, N, (32,))
-        loss, _ = cee.stage_loss(model, 2, s[i], logits[i], labels[i], memorized[i], cfg)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    with torch.no_grad():
-        exits = cee.exit_layers(cee.ExitRule("consistentee", 0.5), logits, cee.policy_probs(model, s, logits))
+    exits = trained_exits(model, s, logits, labels, memorized, cfg)
     assert exits[last_right].float().mean() < 1.2
     if target == "label":
         assert exits[~last_right].float().mean() < 1.2
