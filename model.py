@@ -445,4 +445,5 @@ def load_weights(model, keys, key_map, path):
         raise ValueError(f"{path}: unexpected key {unexpected[0]!r} ({len(unexpected)} in all) for "
                          f"{type(model).__name__}")
     fresh = sorted({k.split(".")[0] for k in params if k not in key_map and k != "lm_head.weight"})
-    print(f"loaded {len(key_map)} tensors from {path}; freshly initialised: {', '.join(fresh) or 'nothing'}", file=sys.stderr)
+    print(f"loaded {len(key_map)} tensors from {path}; freshly initialised: {', '.join(fresh) or 'nothing'}",
+          file=sys.stderr)

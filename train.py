@@ -63,7 +63,7 @@ class TrainConfig:
     epochs2: float = 5
     lr2: float = 3e-4
     policy_split: str = "train"  # stage 2 learns on "train", or "validation" (heads not fit there); stage 3 on train
-    policy_target: str = "label"  # the reward and memorized layer score heads against the "label", or the "full" depth's argmax
+    policy_target: str = "label"  # reward and memorized layer judge heads by the "label", or the "full" depth's argmax
     # stage 3: all parameters, consistent loss + policy loss (on the training inputs; --task=lm: the lm_rl_windows)
     epochs3: float = 1
     lr3: float = 2e-5
@@ -350,8 +350,8 @@ def hardness(model, task, cfg):
     logits, labels = train_pass[1:]
     memorized = memorized_of(logits, labels, cfg)
     log("memorized layer of the training inputs: " + shares(memorized, model.config.n_layer))
-    log(f"reward-optimal exit layer (knowing the targets) at alpha {cfg.alpha}: " +
-        shares(cee.best_exits(logits, cee.reward_target(logits, labels, cfg), memorized, cfg.alpha), model.config.n_layer))
+    best = cee.best_exits(logits, cee.reward_target(logits, labels, cfg), memorized, cfg.alpha)
+    log(f"reward-optimal exit layer (knowing the targets) at alpha {cfg.alpha}: " + shares(best, model.config.n_layer))
     return train_pass, memorized
 
 
@@ -476,7 +476,7 @@ def print_table(r):
         print(f"{m['name']:<14}{m['param']:>8.3g}{m['accuracy']:>10.3f}{m['agreement']:>11.3f}{m['avg_layers']:>8.2f}"
               f"{m['speedup']:>8.2f}x")
     e = r["exit_by_memorized_layer"]
-    print(f"mean exit layer by memorized layer ({e.get('target', 'label')}; threshold {e['threshold']}): " +
+    print(f"mean exit layer by memorized layer ({e['target']}; threshold {e['threshold']}): " +
           ", ".join(f"m={l}: {v:.2f} (n={e['count'][l]})" for l, v in e["mean_exit"].items()) +
           f"; rank correlation {e['rank_correlation']:.3f}")
     print("best speed-up at no accuracy loss / within 1 point / agreeing with full depth >= 90%: " + ", ".join(

@@ -68,7 +68,7 @@ def test_exited_token_leaves_copied_state_in_skipped_layers(gpt2_dir):
         before = cache.clone()
         tok = torch.tensor([[42]])
         logits, exit_layer = generate.step(model, tok, cache, 7, cee.ExitRule("consistentee", 0.5))
-        h = model.run_layer(0, model.embed(tok, 7), before, 7)  # its layer-1 state (writes before's layer 0 as step did)
+        h = model.run_layer(0, model.embed(tok, 7), before, 7)  # its layer-1 state; writes before's layer 0 as step did
         assert exit_layer == 1 and torch.allclose(logits, model.exit_logits(h[:, -1]), atol=1e-5)
         for l in (1, 2, 3):
             k, v = model.blocks[l].attn.qkv(model.blocks[l].ln_1(h))[..., 32:].split(32, -1)  # (1, 1, C) each

@@ -104,7 +104,8 @@ def test_stage3_loss_is_taken_at_the_sampled_exits():
 @pytest.mark.parametrize("argv,msg", [
     (["--nope=1"], "unknown option '--nope=1'"), (["--alpha=abc"], "--alpha expects float, got 'abc'"),
     (["--alpha=-1"], "--alpha must be >= 0"), (["--K=0"], "--K must be >= 1"),
-    (["--estimator=ppo"], "--estimator must be"), (["--policy_target=gold"], "--policy_target must be label or full"), (["--policy_conf=maybe"], "--policy_conf expects bool"),
+    (["--estimator=ppo"], "--estimator must be"), (["--policy_conf=maybe"], "--policy_conf expects bool"),
+    (["--policy_target=gold"], "--policy_target must be label or full"),
     (["alpha=1"], "unknown option"), (["--epochs2=0"], "--epochs1/2/3 must be > 0"),
     (["--log_interval=0"], "--log_interval >= 1"), (["--lr1=-1e-5"], "--lr1/2/3 must be > 0"),
     (["--task=lm", "--lm_heads=0"], "--lm_heads and --lm_width must be >= 1"),
