@@ -246,14 +246,14 @@ def main(argv):
         return
     print(f"model: {source}; device {device}; median of {repeats} interleaved repeats")
     for key in ("realized_over_layer_speedup", "ours_over_hf_inference", "decision_overhead", "mean_exit_layer"):
-        print(f"{key:<30}" + "  ".join(f"{k} {v:.3f}" for k, v in out[key].items()))
-    print(f"{'joint_step_over_stage1_step':<30}{out['joint_step_over_stage1_step']:.3f}")
+        print(f"{key:<32}" + "  ".join(f"{k} {v:.3f}" for k, v in out[key].items()))
+    print(f"{'joint_step_over_stage1_step':<32}{out['joint_step_over_stage1_step']:.3f}")
     for key in ("ours_over_hf_generate", "speculative_identical", "lm_model", "lm_layer_share", "policy_exit_speedup",
                 "policy_agreement", "policy_exit_mean_exit_layer", "policy_exit_defer_speedup", "policy_agreement_defer",
                 "speculative_speedup", "speculative_identical_lm", "speculative_accepted_per_draft"):
         if key in out:
             v = out[key]
-            print(f"{key:<30}{v:.3f}" if isinstance(v, float) else f"{key:<30}{v}")
+            print(f"{key:<32}{v:.3f}" if isinstance(v, float) else f"{key:<32}{v}")
 
 
 if __name__ == "__main__":
