@@ -69,9 +69,9 @@ def stage_loss(model, stage, s, logits, labels, memorized, cfg):
         return loss, {"loss/cls": loss.item()}
     L = logits.size(1)
     ce = exit_ce(logits, labels)  # (B, L)
-    # The reward scores each head against the label, or against the full-depth prediction (policy_target
+    # The reward scores each head against reward_target: the label, or the full depth's prediction (policy_target
     # "full": the policy learns when a head agrees with the last one, the consistency CALM asks of generation)
-    ce_reward = ce if cfg.policy_target == "label" else exit_ce(logits, reward_target(logits, labels, cfg))
+    ce_reward = exit_ce(logits, reward_target(logits, labels, cfg))  # (B, L)
     # The policy learns from the reward only: it reads detached states, so no noisy REINFORCE gradient
     # reaches the backbone; in stage 3 the backbone learns from the loss at the exits actually taken.
     p = policy_probs(model, s.detach(), logits.detach())  # (B, L)
