@@ -10,6 +10,7 @@ Each figure is a ratio of two timings of the same inputs, taken interleaved (A, 
 summarised by the median of the repeats, so that a noisy machine slows both sides alike.
   realized_over_layer_speedup  (time at full depth / time with early exit) / (L / mean exit layer)
   decision_overhead            share of early-exit time spent deciding: the policy vs the entropy rule
+                               (batch 64; decision_overhead_batch_1 the same, one input at a time)
   ours_over_hf_inference       transformers' BertModel time / ours, full depth (> 1: ours is faster)
   joint_step_over_stage1_step  a stage-3 step (K trajectories) / a stage-1 step, same batch
   ours_over_hf_generate        transformers' generate() time / ours, greedy, full depth, same GPT-2 weights
@@ -72,7 +73,7 @@ def load_model(ckpt, device):
 def full_depth(model, ids, mask):
     """What one runs without early exit: every layer, then the last exit head."""
     h = model.layer_states(ids, mask)[-1]
-    return model.exit_logits(model.config.n_layer - 1, model.exit_state(h, mask))
+    return model.exit_logits(model.config.n_layer - 1, model.exit_state(h, model.pool_weights(mask)))
 
 
 class TimedRule(cee.ExitRule):
@@ -213,16 +214,17 @@ def main(argv):
             out["ours_over_hf_inference"][name] = interleaved(over(batches, hf), over(batches, minilm.layer_states),
                                                               repeats, now)
 
-        out["decision_overhead"] = {}
-        for name, rule in (("policy", policy), ("entropy", cee.ExitRule("entropy", 0.5))):
-            timed = TimedRule(rule.name, rule.param).clock(model, now)
-            total = 0.0
-            for _ in range(repeats):
-                t0 = now()
-                cee.early_exit(model, b64["input_ids"], b64["attention_mask"], timed)
-                total += now() - t0
-            timed.unclock(model)
-            out["decision_overhead"][name] = timed.seconds / total
+        for key, batches in (("decision_overhead", [b64]), ("decision_overhead_batch_1", singles)):
+            out[key] = {}
+            for name, rule in (("policy", policy), ("entropy", cee.ExitRule("entropy", 0.5))):
+                timed = TimedRule(rule.name, rule.param).clock(model, now)
+                total = 0.0
+                for _ in range(repeats):
+                    t0 = now()
+                    over(batches, partial(cee.early_exit, model, rule=timed))()
+                    total += now() - t0
+                timed.unclock(model)
+                out[key][name] = timed.seconds / total
 
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-6)
@@ -245,7 +247,8 @@ def main(argv):
         print(json.dumps(out))
         return
     print(f"model: {source}; device {device}; median of {repeats} interleaved repeats")
-    for key in ("realized_over_layer_speedup", "ours_over_hf_inference", "decision_overhead", "mean_exit_layer"):
+    for key in ("realized_over_layer_speedup", "ours_over_hf_inference", "decision_overhead",
+                "decision_overhead_batch_1", "mean_exit_layer"):
         print(f"{key:<32}" + "  ".join(f"{k} {v:.3f}" for k, v in out[key].items()))
     print(f"{'joint_step_over_stage1_step':<32}{out['joint_step_over_stage1_step']:.3f}")
     for key in ("ours_over_hf_generate", "speculative_identical", "lm_model", "lm_layer_share", "policy_exit_speedup",

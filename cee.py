@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 import rl
-from model import confidence
+from model import confidence, unpack
 
 
 def exit_ce(logits, labels):
@@ -127,6 +127,16 @@ class ExitRule:
     def needs_policy(self):
         return self.name == "consistentee"
 
+    def needs_head(self, config):
+        """
+        Whether deciding needs the exit head's output at every layer. The policy reads the exit state only
+        (pi_l(s_l), a C x 32 MLP, far cheaper than a layer), so the head runs only where rows stop. A
+        confidence rule, or a policy that reads the head's confidence (config.policy_conf), needs the
+        head's whole output distribution: a C x n matmul for a classifier, but for a language model the
+        C x vocab LM head, as costly as several layers.
+        """
+        return not self.needs_policy or config.policy_conf
+
     def decide(self, l, logits, p, memory):
         if self.name == "consistentee":
             return p > self.param, memory
@@ -160,7 +170,8 @@ def exit_layers(rule, logits, p=None):
 def early_exit(model, input_ids, attention_mask, rule):
     """
     Batched early-exit inference with an Encoder in eval mode: run layer after layer, and after each one
-    remove the rows that exit (compaction), so deeper layers only compute the inputs still running.
+    remove the rows that exit (compaction), so deeper layers only compute the inputs still running, and
+    of those only their real tokens (Encoder.real_tokens).
     Returns preds (B,) and exit layers (B,) 1..L in the original row order.
     """
     model.check_ids(input_ids)
@@ -170,37 +181,50 @@ def early_exit(model, input_ids, attention_mask, rule):
 
 
 def _early_exit(model, input_ids, attention_mask, rule):
-    L = model.config.n_layer
-    x = model.embed(input_ids)
-    bias, mask = model.attn_bias(attention_mask), attention_mask
+    L, T = model.config.n_layer, input_ids.size(1)
+    # The host keeps the books (who runs, which tokens are real), so that a layer needs one transfer
+    # from the device at most; on the CPU .cpu() and .to() return the tensor itself.
+    mask = None if attention_mask is None else attention_mask.cpu()
+    tokens = to_device(model.real_tokens(mask), input_ids.device)  # layers skip the padding, see real_tokens
+    x = model.embed(input_ids, tokens=tokens)  # (B, T, C), or the real tokens (N, C)
+    bias, weights = model.attn_bias(attention_mask), model.pool_weights(attention_mask)
     rows = torch.arange(input_ids.size(0), device=x.device)  # original index of each running row
     preds, exits = torch.empty_like(rows), torch.empty_like(rows)
     memory = None
     for l in range(L):
-        x = model.run_layer(l, x, bias)  # (b, T, C), b = rows still running
-        s = model.exit_state(x, mask)  # (b, C)
-        logits = model.exit_logits(l, s)  # (b, n): a classification head is a C x n matmul, cheap
+        x = model.run_layer(l, x, bias, tokens)
+        h = x if tokens is None else unpack(x, tokens, len(rows), T)  # (b, T, C), b = rows still running
+        s = model.exit_state(h, weights)  # (b, C)
+        logits = model.exit_logits(l, s) if rule.needs_head(model.config) else None  # (b, n), see needs_head
         if l == L - 1:
-            stop = torch.ones_like(rows, dtype=torch.bool)
+            go = rows[:0]  # the last layer: every row left stops
         else:
-            # The policy is a C x 32 MLP on the state: far cheaper than a layer. A confidence rule needs
-            # the head's whole output distribution at every layer: cheap here, but for a language model
-            # that is the C x vocab LM head, as costly as several layers.
             p = model.policies[l](model.policy_input(s, logits)) if rule.needs_policy else None
             stop, memory = rule.decide(l, logits, p, memory)
-        go = (~stop).nonzero().squeeze(1)  # the one host synchronisation per layer: who is left
-        if len(go) == len(rows):  # nobody stopped: nothing to record, nothing to drop
-            continue
+            go = (~stop).cpu().nonzero().squeeze(1)  # the one host synchronisation per layer: who is left
+            if len(go) == len(rows):  # nobody stopped: nothing to record, nothing to drop
+                continue
+        logits = model.exit_logits(l, s) if logits is None else logits
+        if len(go) == 0:  # every row left stops here
+            preds[rows], exits[rows] = logits.argmax(-1), l + 1
+            break
         # Record the rows that stop without asking the device again which they are: write every
         # running row, keeping the old value where the row goes on.
         preds[rows] = torch.where(stop, logits.argmax(-1), preds[rows])
         exits[rows] = torch.where(stop, l + 1, exits[rows])
-        if len(go) == 0:
-            break
-        x, rows = x[go], rows[go]
-        bias, mask = (None, None) if mask is None else (bias[go], mask[go])
-        memory = None if memory is None else memory[go]
+        keep = go.to(x.device)
+        h, rows = h[keep], rows[keep]
+        memory = None if memory is None else memory[keep]
+        if mask is not None:
+            mask, bias, weights = mask[go], bias[keep], weights[keep]
+            tokens = to_device(model.real_tokens(mask), x.device)
+        x = h if tokens is None else h.flatten(0, 1)[tokens]
     return preds, exits
+
+
+def to_device(t, device):
+    """t on the device, None stays None."""
+    return None if t is None else t.to(device, non_blocking=True)
 
 
 def sweep(name, params, logits, labels, p=None):

@@ -118,10 +118,7 @@ def step(model, tok, cache, pos, rule, pending=None, finished=None, folded=None)
         if rule is None or l == L - 1:
             continue
         state = x[:, -1]  # (B, C)
-        # A decoder's policy reads only the state (a C x 32 MLP); a confidence rule, or a policy made to
-        # read the head's confidence (policy_conf), needs the C x vocab LM head at this layer.
-        needs_head = not rule.needs_policy or model.config.policy_conf
-        logits = model.exit_logits(state) if needs_head else None
+        logits = model.exit_logits(state) if rule.needs_head(model.config) else None  # the C x vocab LM head
         p = model.policies[l](model.policy_input(state, logits)) if rule.needs_policy else None
         stop, _ = rule.decide(l, logits, p, None)
         if stop.all():  # the one host synchronisation per layer

@@ -34,6 +34,14 @@ ACTIVATIONS = {  # Hugging Face's names for the MLP nonlinearity
 }
 
 
+def unpack(x, tokens, B, T):
+    """
+    Padding-free layout -> padded: x (N, D) holds the real tokens of B inputs, whose flat indices in the
+    (B, T) grid are tokens (N,); returns (B, T, D) with zeros at the padding. (Packing is x.view(B * T, D)[tokens].)
+    """
+    return x.new_zeros(B * T, x.size(-1)).index_copy_(0, tokens, x).view(B, T, -1)
+
+
 @dataclass
 class Config:
     n_layer: int = 6              # L, the number of transformer blocks (and of exits)
@@ -53,7 +61,7 @@ class Config:
     attn_scale: bool = True       # GPT-2's scale_attn_weights: divide scores by sqrt(head size)
     tie_lm_head: bool = True      # decoder only: the LM head shares the token embedding
     policy_hidden: int = 32       # width of the policy MLP (reference: 32)
-    policy_conf: bool = True      # the policy also reads the exit head's confidence (max prob, entropy)
+    policy_conf: bool = False     # the policy also reads the exit head's confidence (max prob, entropy)
 
     def __post_init__(self):
         if self.n_embd % self.n_head:
@@ -76,13 +84,18 @@ class Attention(nn.Module):
         head_size = cfg.n_embd // cfg.n_head
         self.scale = (head_size ** -0.5 if cfg.attn_scale else 1.0) / ((layer + 1) if cfg.attn_scale_by_layer else 1)
 
-    def forward(self, x, bias=None, causal=False, cache=None, pos=0):
+    def forward(self, x, bias=None, causal=False, cache=None, pos=0, tokens=None):
         """
         x (B, T, C) -> (B, T, C). pos: the position of x's first row, the others following it; or a list
         of every row's position, for rows that are not consecutive (generate.py's deferred fill).
+        tokens: x holds only the real tokens (N, C) of a padded batch, at these flat indices (N,) of the
+        (B, T) grid of bias (B, 1, 1, T): the projections skip the padding, attention runs on the grid.
         """
-        B, T, C = x.shape
-        q, k, v = self.qkv(x).split(C, dim=2)
+        qkv = self.qkv(x)
+        if tokens is not None:
+            qkv = unpack(qkv, tokens, bias.size(0), bias.size(-1))
+        B, T, C = qkv.size(0), qkv.size(1), qkv.size(2) // 3
+        q, k, v = qkv.split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, H, T, D)
         rows = range(pos, pos + T) if isinstance(pos, int) else pos
         if cache is not None:  # cache: this layer's (k, v) buffers, each (B, H, T_max, D)
@@ -96,6 +109,8 @@ class Attention(nn.Module):
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, is_causal=prefix and T > 1,
                                            dropout_p=self.dropout if self.training else 0.0, scale=self.scale)
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
+        if tokens is not None:
+            y = y.view(B * T, C)[tokens]  # (N, C)
         return F.dropout(self.proj(y), self.dropout, self.training)
 
 
@@ -120,8 +135,8 @@ class EncoderBlock(nn.Module):
         self.mlp, self.ln_2 = MLP(cfg), nn.LayerNorm(cfg.n_embd, eps=cfg.ln_eps)
         self.causal = cfg.causal
 
-    def forward(self, x, bias=None):
-        x = self.ln_1(x + self.attn(x, bias, causal=self.causal))
+    def forward(self, x, bias=None, tokens=None):
+        x = self.ln_1(x + self.attn(x, bias, causal=self.causal, tokens=tokens))
         return self.ln_2(x + self.mlp(x))
 
 
@@ -206,11 +221,24 @@ class Encoder(Backbone):
         self.policies = nn.ModuleList(Policy(cfg) for _ in range(cfg.n_layer - 1))  # the last layer always exits
         self.apply(init_weights)
 
-    def embed(self, input_ids, token_type_ids=None):
-        T = input_ids.size(1)
+    def embed(self, input_ids, token_type_ids=None, tokens=None):
+        """(B, T, C); with tokens (real_tokens of the mask), only the real tokens: (N, C)."""
+        B, T = input_ids.shape
         tt = torch.zeros_like(input_ids) if token_type_ids is None else token_type_ids
         x = self.wte(input_ids) + self.wtt(tt) + self.wpe(torch.arange(T, device=input_ids.device))  # HF's order
-        return F.dropout(self.ln_e(x), self.config.dropout, self.training)  # (B, T, C)
+        x = F.dropout(self.ln_e(x), self.config.dropout, self.training)
+        return x if tokens is None else x.view(B * T, -1)[tokens]
+
+    @staticmethod
+    def real_tokens(attention_mask):
+        """
+        The flat indices (N,) of the real tokens in the mask's (B, T) grid; None when nothing is padding.
+        Layers given them skip the padding (all but attention run on the N real tokens only): a batch of
+        sentences padded to its longest is often half padding.
+        """
+        if attention_mask is None or attention_mask.all():
+            return None
+        return attention_mask.flatten().nonzero().squeeze(1)
 
     @staticmethod
     def attn_bias(attention_mask):
@@ -219,35 +247,43 @@ class Encoder(Backbone):
             return None
         return attention_mask[:, None, None, :].bool()
 
-    def run_layer(self, l, x, bias=None):
-        return self.blocks[l](x, bias)  # (B, T, C)
+    def run_layer(self, l, x, bias=None, tokens=None):
+        return self.blocks[l](x, bias, tokens)  # (B, T, C), or (N, C) with tokens
 
-    def exit_state(self, h, attention_mask=None):
-        """s_l: what exit head l and policy l read from the layer's token states h (B, T, C) -> (B, C)."""
+    @staticmethod
+    def pool_weights(attention_mask):
+        """(B, T) of 1 = token, 0 = padding -> (B, 1, T): each token's weight in its input's mean; None -> None."""
+        if attention_mask is None:
+            return None
+        m = attention_mask.float()
+        return (m / m.sum(1, keepdim=True).clamp(min=1))[:, None, :]
+
+    def exit_state(self, h, weights=None):
+        """
+        s_l: what exit head l and policy l read from the layer's token states h (B, T, C) -> (B, C).
+        weights: pool_weights(attention_mask), computed once per batch; None when nothing is padding.
+        """
         if self.pooler is not None:
             return torch.tanh(self.pooler(h[:, 0]))
-        if attention_mask is None:
-            return h.mean(1)
-        m = attention_mask[:, :, None].to(h.dtype)  # (B, T, 1)
-        return (h * m).sum(1) / m.sum(1).clamp(min=1)
+        return h.mean(1) if weights is None else torch.bmm(weights.to(h.dtype), h).squeeze(1)  # masked mean
 
     def exit_logits(self, l, state):
         return self.heads[l](F.dropout(state, self.config.dropout, self.training))  # (B, n_labels)
 
     def layer_states(self, input_ids, attention_mask=None, token_type_ids=None):
-        """[embedding output, layer 1 output, ..., layer L output], each (B, T, C)."""
+        """[embedding output, layer 1 output, ..., layer L output], each (B, T, C), zeros at the padding."""
         self.check_ids(input_ids)
-        x = self.embed(input_ids, token_type_ids)
-        bias = self.attn_bias(attention_mask)
-        states = [x]
+        tokens, bias = self.real_tokens(attention_mask), self.attn_bias(attention_mask)
+        states = [self.embed(input_ids, token_type_ids, tokens)]
         for l in range(self.config.n_layer):
-            states.append(self.run_layer(l, states[-1], bias))
-        return states
+            states.append(self.run_layer(l, states[-1], bias, tokens))
+        return states if tokens is None else [unpack(x, tokens, *input_ids.shape) for x in states]
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None):
         """Every exit's logits (B, L, n_labels) and exit states (B, L, C): one pass, all layers."""
         states = self.layer_states(input_ids, attention_mask, token_type_ids)[1:]
-        s = torch.stack([self.exit_state(h, attention_mask) for h in states], 1)  # (B, L, C)
+        weights = self.pool_weights(attention_mask)
+        s = torch.stack([self.exit_state(h, weights) for h in states], 1)  # (B, L, C)
         logits = torch.stack([self.exit_logits(l, s[:, l]) for l in range(self.config.n_layer)], 1)
         return logits, s
 
@@ -365,8 +401,7 @@ class Decoder(Backbone):
                       act=hf.get("activation_function", "gelu_new"), ln_eps=hf.get("layer_norm_epsilon", 1e-5),
                       dropout=hf.get("resid_pdrop", 0.1), attn_scale=hf.get("scale_attn_weights", True),
                       attn_scale_by_layer=hf.get("scale_attn_by_inverse_layer_idx", False),
-                      tie_lm_head=hf.get("tie_word_embeddings", True),
-                      **{"policy_conf": False, **overrides})  # a decoder's policy must not need the LM head
+                      tie_lm_head=hf.get("tie_word_embeddings", True), **overrides)
 
     @staticmethod
     def key_map(cfg):

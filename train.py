@@ -55,7 +55,7 @@ class TrainConfig:
     max_len: int = 128           # tokens per input, [CLS] and [SEP] included
     batch_size: int = 32
     pool: str = "mean"           # exit state: "mean" of the tokens (as MiniLM was trained) or "cls"
-    policy_conf: bool = True     # the policy also reads its exit head's confidence (max prob, entropy)
+    policy_conf: bool = False    # the policy also reads its exit head's confidence (max prob, entropy)
     # stage 1: backbone + exit heads
     epochs1: float = 2
     lr1: float = 5e-5
@@ -88,10 +88,10 @@ class TrainConfig:
 
 
 # --task=lm: a small decoder learns from scratch, with a higher learning rate, a warm-up and beta2 0.95 (as
-# nanoGPT); each batch holds 32 x 128 inputs (token positions); its policy reads the state only, and learns
-# to agree with the full depth (what generation is judged by) at a lower depth penalty
+# nanoGPT); each batch holds 32 x 128 inputs (token positions); its policy learns to agree with the full
+# depth (what generation is judged by) at a lower depth penalty
 LM_DEFAULTS = {"out_dir": "out_lm", "init": "scratch", "lr1": 3e-3, "epochs1": 1, "lr3": 3e-4, "batch_size": 32,
-               "epochs2": 10, "epochs3": 1, "warmup": 20, "beta2": 0.95, "policy_conf": False,
+               "epochs2": 10, "epochs3": 1, "warmup": 20, "beta2": 0.95,
                "policy_target": "full", "alpha": 0.05}
 
 

@@ -1,4 +1,5 @@
 """The method's non-RL pieces: weighted loss, memorized layer, exit rules, batched early exit."""
+import copy
 import math
 
 import pytest
@@ -75,10 +76,11 @@ def test_best_speedups_in_both_regimes():
                                             "y": {"no_loss": None, "within_1_point": None, "agreement_0.9": None}}
 
 
-@pytest.fixture(scope="module")
-def encoder():
+@pytest.fixture(scope="module", params=[False, True], ids=["policy_reads_state", "policy_reads_confidence"])
+def encoder(request):
     torch.manual_seed(0)
-    model = Encoder(Config(n_layer=4, n_head=2, n_embd=16, n_inner=32, vocab_size=40, block_size=16, n_labels=3))
+    model = Encoder(Config(n_layer=4, n_head=2, n_embd=16, n_inner=32, vocab_size=40, block_size=16, n_labels=3,
+                           policy_conf=request.param))
     with torch.no_grad():  # confident heads, so that the confidence rules spread their exits
         for h in model.heads:
             h.weight.mul_(40)
@@ -112,10 +114,30 @@ def test_batched_early_exit_equals_each_input_alone(encoder, name, param):
     assert len(set(exits.tolist())) > 1 or name == "static", exits  # the test exercises compaction
 
 
+def test_policy_exit_runs_the_head_only_where_rows_stop(encoder):
+    """A policy that reads the state only needs no exit head until rows stop; one that reads the head's
+    confidence needs it at every layer the rows run."""
+    model = copy.deepcopy(encoder)
+    with torch.no_grad():
+        model.policies[0].net[-1].bias.fill_(-100.0)  # nobody exits at layer 1
+    ids = torch.randint(0, 40, (12, 10), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():  # a threshold halfway between two inputs' layer-2 probabilities
+        logits, s = model(ids)
+        v = model.policies[1](model.policy_input(s[:, 1], logits[:, 1])).sort().values
+    rule = cee.ExitRule("consistentee", (v[5] + v[6]).item() / 2)
+    calls = []
+    head = model.exit_logits
+    model.exit_logits = lambda l, s: calls.append((l + 1, len(s))) or head(l, s)
+    _, exits = cee.early_exit(model, ids, torch.ones_like(ids), rule)
+    running = [(l, int((exits >= l).sum())) for l in range(1, 5) if (exits >= l).any()]
+    stopping = [(l, n) for l, n in running if (exits == l).any()]
+    assert calls == (running if model.config.policy_conf else stopping)
+    assert len(stopping) < len(running) and len(stopping) > 1, exits  # layer 1 has no exits, others do
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_early_exit_on_cuda_agrees_with_cpu(encoder):
     """On CUDA early_exit runs in bf16: the exits may differ near a threshold, but rarely."""
-    import copy
     ids = torch.randint(0, 40, (64, 10), generator=torch.Generator().manual_seed(5))
     mask = torch.ones_like(ids)
     gpu = copy.deepcopy(encoder).to("cuda")
