@@ -162,7 +162,7 @@ class Policy(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         n_in = cfg.n_embd + (2 if cfg.policy_conf else 0)
-        self.net = nn.Sequential(nn.Linear(n_in, cfg.policy_hidden), nn.GELU(), nn.Linear(cfg.policy_hidden, 1))
+        self.net = nn.Sequential(nn.Linear(n_in, cfg.policy_hidden), nn.GELU("tanh"), nn.Linear(cfg.policy_hidden, 1))
 
     def forward(self, x):  # x (B, n_in) -> (B,)
         return torch.sigmoid(self.net(x).squeeze(-1))
