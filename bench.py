@@ -32,7 +32,7 @@ import torch
 import cee
 import data
 import train
-from model import Config, Decoder, Encoder
+from model import Config, Decoder, Encoder, unpack
 
 
 def timer(device):
@@ -71,9 +71,13 @@ def load_model(ckpt, device):
 
 
 def full_depth(model, ids, mask):
-    """What one runs without early exit: every layer, then the last exit head."""
-    h = model.layer_states(ids, mask)[-1]
-    return model.exit_logits(model.config.n_layer - 1, model.exit_state(h, model.pool_weights(mask)))
+    """What one runs without early exit: every layer (skipping the padding), then the last exit head."""
+    tokens, bias, L = model.real_tokens(mask), model.attn_bias(mask), model.config.n_layer
+    x = model.embed(ids, tokens=tokens)
+    for l in range(L):
+        x = model.run_layer(l, x, bias, tokens)
+    h = x if tokens is None else unpack(x, tokens, *ids.shape)
+    return model.exit_logits(L - 1, model.exit_state(h, model.pool_weights(mask)))
 
 
 class TimedRule(cee.ExitRule):
@@ -83,7 +87,7 @@ class TimedRule(cee.ExitRule):
         self.seconds, self.now = 0.0, now
         for l, pol in enumerate(model.policies):
             model.policies[l] = Clocked(pol, self)
-        model.policy_input = Clocked(model.policy_input, self)  # the policy's view: state + head confidence
+        model.policy_input = Clocked(model.policy_input, self)  # the policy's view (+ head confidence if policy_conf)
         return self
 
     def unclock(self, model):

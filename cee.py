@@ -111,8 +111,9 @@ class ExitRule:
       entropy:      entropy of the head's distribution < param (DeeBERT)
       patience:     the prediction has not changed for param layers in a row (PABEE)
       maxprob:      the head's top probability > param
-    decide() sees one layer's head logits (B, n), the policy's probabilities (B,) when needs_policy,
-    and a per-row memory (B, ...) it returns updated; callers keep the memory's rows with the inputs'.
+    decide() sees one layer's head logits (B, n) (None when needs_head is False), the policy's
+    probabilities (B,) when needs_policy, and a per-row memory (B, ...) it returns updated; callers
+    keep the memory's rows with the inputs'.
     """
     name: str
     param: float
@@ -130,7 +131,8 @@ class ExitRule:
     def needs_head(self, config):
         """
         Whether deciding needs the exit head's output at every layer. The policy reads the exit state only
-        (pi_l(s_l), a C x 32 MLP, far cheaper than a layer), so the head runs only where rows stop. A
+        (pi_l(s_l), a C x 32 MLP, far cheaper than a layer), so the head runs only at the layers where
+        some rows stop. A
         confidence rule, or a policy that reads the head's confidence (config.policy_conf), needs the
         head's whole output distribution: a C x n matmul for a classifier, but for a language model the
         C x vocab LM head, as costly as several layers.

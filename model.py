@@ -89,7 +89,8 @@ class Attention(nn.Module):
         x (B, T, C) -> (B, T, C). pos: the position of x's first row, the others following it; or a list
         of every row's position, for rows that are not consecutive (generate.py's deferred fill).
         tokens: x holds only the real tokens (N, C) of a padded batch, at these flat indices (N,) of the
-        (B, T) grid of bias (B, 1, 1, T): the projections skip the padding, attention runs on the grid.
+        (B, T) grid of bias (B, 1, 1, T), which it needs: the projections skip the padding, attention
+        runs on the grid.
         """
         qkv = self.qkv(x)
         if tokens is not None:
@@ -157,6 +158,8 @@ class Policy(nn.Module):
     """
     pi_l(s_l): the probability of exiting at layer l (reference: C -> 32 -> 1, GELU, sigmoid).
     With cfg.policy_conf it also reads the exit head's max probability and entropy: C + 2 -> 32 -> 1.
+    Its GELU is the tanh form: on 32 numbers PyTorch's exact (erf) GELU costs about 3x more on a CPU,
+    and early exit runs the policy between every two layers.
     """
 
     def __init__(self, cfg):
@@ -223,11 +226,13 @@ class Encoder(Backbone):
 
     def embed(self, input_ids, token_type_ids=None, tokens=None):
         """(B, T, C); with tokens (real_tokens of the mask), only the real tokens: (N, C)."""
-        B, T = input_ids.shape
+        T = input_ids.size(1)
         tt = torch.zeros_like(input_ids) if token_type_ids is None else token_type_ids
-        x = self.wte(input_ids) + self.wtt(tt) + self.wpe(torch.arange(T, device=input_ids.device))  # HF's order
-        x = F.dropout(self.ln_e(x), self.config.dropout, self.training)
-        return x if tokens is None else x.view(B * T, -1)[tokens]
+        pos = torch.arange(T, device=input_ids.device)
+        if tokens is not None:  # each real token's id, type and position
+            input_ids, tt, pos = input_ids.flatten()[tokens], tt.flatten()[tokens], tokens % T
+        x = self.wte(input_ids) + self.wtt(tt) + self.wpe(pos)  # HF's order of the sum
+        return F.dropout(self.ln_e(x), self.config.dropout, self.training)
 
     @staticmethod
     def real_tokens(attention_mask):
@@ -261,7 +266,7 @@ class Encoder(Backbone):
     def exit_state(self, h, weights=None):
         """
         s_l: what exit head l and policy l read from the layer's token states h (B, T, C) -> (B, C).
-        weights: pool_weights(attention_mask), computed once per batch; None when nothing is padding.
+        weights: pool_weights(attention_mask), computed once per batch; None: the mean of all T positions.
         """
         if self.pooler is not None:
             return torch.tanh(self.pooler(h[:, 0]))

@@ -119,6 +119,26 @@ def test_layer_stepping_equals_full_forward():
         assert torch.allclose(s3, (states[3] * mask[:, :, None]).sum(1) / mask.sum(1, keepdim=True), atol=1e-6)
 
 
+def test_skipping_the_padding_changes_no_loss_or_gradient():
+    """Training runs the padding-free layers: the same logits and gradients as running the whole grid."""
+    torch.manual_seed(0)
+    enc = Encoder(Config(n_layer=2, n_head=2, n_embd=16, n_inner=24, vocab_size=50, block_size=20, dropout=0.0))
+    ids, mask, _ = bert_inputs(50, 1, T=10)
+    logits, _ = enc(ids, mask)  # real_tokens: the layers skip row 1's padding
+    loss = logits.logsumexp(-1).sum()
+    grads = torch.autograd.grad(loss, list(enc.parameters()), allow_unused=True)
+    x, bias, weights = enc.embed(ids), enc.attn_bias(mask), enc.pool_weights(mask)  # the whole (B, T) grid
+    padded = []
+    for l in range(2):
+        x = enc.run_layer(l, x, bias)
+        padded.append(enc.exit_logits(l, enc.exit_state(x, weights)))
+    padded_loss = torch.stack(padded, 1).logsumexp(-1).sum()
+    padded_grads = torch.autograd.grad(padded_loss, list(enc.parameters()), allow_unused=True)
+    assert torch.allclose(loss, padded_loss, atol=1e-5)
+    for g, h in zip(grads, padded_grads):
+        assert (g is None) == (h is None) and (g is None or torch.allclose(g, h, atol=1e-5))
+
+
 def tiny_decoder(**kw):
     torch.manual_seed(0)
     return Decoder(Config(n_layer=3, n_head=2, n_embd=16, n_inner=32, vocab_size=60, block_size=24,

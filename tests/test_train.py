@@ -124,8 +124,8 @@ def test_unavailable_device_is_one_line():
 
 
 def test_options_are_typed():
-    cfg = train.parse_args(["--alpha=0.05", "--K=4", "--policy_conf=false", "--task=x.csv"])
-    assert (cfg.alpha, cfg.K, cfg.policy_conf, cfg.task) == (0.05, 4, False, "x.csv")
+    cfg = train.parse_args(["--alpha=0.05", "--K=4", "--policy_conf=true", "--task=x.csv"])
+    assert (cfg.alpha, cfg.K, cfg.policy_conf, cfg.task) == (0.05, 4, True, "x.csv")
 
 
 def run(args, cwd):
