@@ -192,28 +192,28 @@ def _early_exit(model, input_ids, attention_mask, rule):
     bias, weights = model.attn_bias(attention_mask), model.pool_weights(attention_mask)
     rows = torch.arange(input_ids.size(0), device=x.device)  # original index of each running row
     preds, exits = torch.empty_like(rows), torch.empty_like(rows)
-    memory = None
+    memory, head_every_layer = None, rule.needs_head(model.config)
     for l in range(L):
         x = model.run_layer(l, x, bias, tokens)
         h = x if tokens is None else unpack(x, tokens, len(rows), T)  # (b, T, C), b = rows still running
         s = model.exit_state(h, weights)  # (b, C)
-        logits = model.exit_logits(l, s) if rule.needs_head(model.config) else None  # (b, n), see needs_head
-        if l == L - 1:
-            go = rows[:0]  # the last layer: every row left stops
-        else:
+        logits = model.exit_logits(l, s) if head_every_layer else None  # (b, n), see needs_head
+        if l < L - 1:
             p = model.policies[l](model.policy_input(s, logits)) if rule.needs_policy else None
             stop, memory = rule.decide(l, logits, p, memory)
-            go = (~stop).cpu().nonzero().squeeze(1)  # the one host synchronisation per layer: who is left
-            if len(go) == len(rows):  # nobody stopped: nothing to record, nothing to drop
+            leaving = stop.cpu()  # the one host synchronisation per layer: who stops
+            n_stop = int(leaving.sum())
+            if n_stop == 0:  # nobody: nothing to record, nothing to drop
                 continue
         logits = model.exit_logits(l, s) if logits is None else logits
-        if len(go) == 0:  # every row left stops here
+        if l == L - 1 or n_stop == len(rows):  # every row left stops here
             preds[rows], exits[rows] = logits.argmax(-1), l + 1
             break
         # Record the rows that stop without asking the device again which they are: write every
         # running row, keeping the old value where the row goes on.
         preds[rows] = torch.where(stop, logits.argmax(-1), preds[rows])
         exits[rows] = torch.where(stop, l + 1, exits[rows])
+        go = (~leaving).nonzero().squeeze(1)  # on the host, as is mask
         keep = go.to(x.device)
         h, rows = h[keep], rows[keep]
         memory = None if memory is None else memory[keep]

@@ -187,9 +187,9 @@ class Backbone(nn.Module):
         return torch.cat([state, torch.stack(confidence(logits), -1).to(state.dtype)], -1)  # (..., C+2)
 
     def check_ids(self, idx):
-        if idx.numel() and (idx.min() < 0 or idx.max() >= self.config.vocab_size):
-            raise ValueError(f"token ids must lie in [0, {self.config.vocab_size}), "
-                             f"got {idx.min().item()}..{idx.max().item()}")
+        lo, hi = [v.item() for v in torch.aminmax(idx)] if idx.numel() else (0, 0)  # one pass over the ids
+        if lo < 0 or hi >= self.config.vocab_size:
+            raise ValueError(f"token ids must lie in [0, {self.config.vocab_size}), got {lo}..{hi}")
         if idx.size(1) > self.config.block_size:
             raise ValueError(f"sequence of {idx.size(1)} tokens is longer than the position table "
                              f"({self.config.block_size})")
@@ -255,12 +255,11 @@ class Encoder(Backbone):
     def run_layer(self, l, x, bias=None, tokens=None):
         return self.blocks[l](x, bias, tokens)  # (B, T, C), or (N, C) with tokens
 
-    @staticmethod
-    def pool_weights(attention_mask):
+    def pool_weights(self, attention_mask):
         """(B, T) of 1 = token, 0 = padding -> (B, 1, T): each token's weight in its input's mean; None -> None."""
         if attention_mask is None:
             return None
-        m = attention_mask.float()
+        m = attention_mask.to(self.wte.weight.dtype)  # the dtype of the states it pools
         return (m / m.sum(1, keepdim=True).clamp(min=1))[:, None, :]
 
     def exit_state(self, h, weights=None):
@@ -270,7 +269,7 @@ class Encoder(Backbone):
         """
         if self.pooler is not None:
             return torch.tanh(self.pooler(h[:, 0]))
-        return h.mean(1) if weights is None else torch.bmm(weights.to(h.dtype), h).squeeze(1)  # masked mean
+        return h.mean(1) if weights is None else torch.bmm(weights, h).squeeze(1)  # masked mean
 
     def exit_logits(self, l, state):
         return self.heads[l](F.dropout(state, self.config.dropout, self.training))  # (B, n_labels)

@@ -61,3 +61,14 @@ def test_timed_rule_decides_like_the_rule_and_counts_time():
 def test_bench_rejects_unknown_option():
     with pytest.raises(SystemExit, match="unknown option --fast"):
         bench.main(["--fast"])
+
+
+def test_full_depth_baseline_answers_as_early_exit_at_the_last_layer():
+    """The bench's baseline computes the same predictions as early exit told to run every layer."""
+    torch.manual_seed(0)
+    model = Encoder(Config(n_layer=3, n_head=2, n_embd=16, n_inner=32, vocab_size=40, block_size=16)).eval()
+    ids, mask = torch.randint(0, 40, (6, 8)), torch.ones(6, 8, dtype=torch.long)
+    mask[1, 5:] = mask[4, 2:] = 0
+    preds, exits = cee.early_exit(model, ids, mask, cee.ExitRule("static", 3))
+    with torch.inference_mode():
+        assert torch.equal(bench.full_depth(model, ids, mask), preds) and exits.tolist() == [3] * 6
