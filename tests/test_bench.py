@@ -23,7 +23,7 @@ def test_bench_json_shape(tmp_path):
         assert set(out[key]) == {"batch_1", "batch_64"} and all(v > 0 for v in out[key].values())
     assert set(out["decision_overhead"]) == {"policy", "entropy"}
     assert all(0 < v < 1 for v in out["decision_overhead"].values())
-    assert out["joint_step_over_stage1_step"] > 0
+    assert out["joint_step_over_stage1_step"] > 0 and out["realized_without_decisions_batch_1"] > 0
     assert 1 < out["mean_exit_layer"]["batch_64"] < 6  # the random policies spread the exits
     assert out["ours_over_hf_generate"] > 0 and out["speculative_identical"] is True
     assert out["policy_exit_speedup"] is None and "run python train.py --task=lm" in out["lm_model"]
@@ -63,12 +63,14 @@ def test_bench_rejects_unknown_option():
         bench.main(["--fast"])
 
 
-def test_full_depth_baseline_answers_as_early_exit_at_the_last_layer():
-    """The bench's baseline computes the same predictions as early exit told to run every layer."""
+def test_full_depth_baseline_answers_as_early_exit():
+    """The bench's baselines compute the same predictions as early exit told to run 3 layers (all) or 2."""
     torch.manual_seed(0)
-    model = Encoder(Config(n_layer=3, n_head=2, n_embd=16, n_inner=32, vocab_size=40, block_size=16)).eval()
+    model = Encoder(Config(n_layer=3, n_head=2, n_embd=16, n_inner=32, vocab_size=40, block_size=16, n_labels=5)).eval()
     ids, mask = torch.randint(0, 40, (6, 8)), torch.ones(6, 8, dtype=torch.long)
-    mask[1, 5:] = mask[4, 2:] = 0
+    mask[1, 5:] = mask[4, 2:] = 0  # (exits at layers 1, 2 and 3 predict differently here)
     preds, exits = cee.early_exit(model, ids, mask, cee.ExitRule("static", 3))
     with torch.inference_mode():
         assert torch.equal(bench.full_depth(model, ids, mask), preds) and exits.tolist() == [3] * 6
+        preds, _ = cee.early_exit(model, ids, mask, cee.ExitRule("static", 2))  # an exit known in advance
+        assert torch.equal(bench.full_depth(model, ids, mask, layers=2), preds)
