@@ -201,8 +201,8 @@ def _early_exit(model, input_ids, attention_mask, rule):
         if l < L - 1:
             p = model.policies[l](model.policy_input(s, logits)) if rule.needs_policy else None
             stop, memory = rule.decide(l, logits, p, memory)
-            leaving = stop.cpu()  # the one host synchronisation per layer: who stops
-            n_stop = int(leaving.sum())
+            leaving = stop.tolist()  # the one host synchronisation per layer: who stops, as Python bools
+            n_stop = sum(leaving)
             if n_stop == 0:  # nobody: nothing to record, nothing to drop
                 continue
         logits = model.exit_logits(l, s) if logits is None else logits
@@ -213,7 +213,7 @@ def _early_exit(model, input_ids, attention_mask, rule):
         # running row, keeping the old value where the row goes on.
         preds[rows] = torch.where(stop, logits.argmax(-1), preds[rows])
         exits[rows] = torch.where(stop, l + 1, exits[rows])
-        go = (~leaving).nonzero().squeeze(1)  # on the host, as is mask
+        go = torch.tensor(leaving).logical_not().nonzero().squeeze(1)  # on the host, as is mask
         keep = go.to(x.device)
         h, rows = h[keep], rows[keep]
         memory = None if memory is None else memory[keep]
