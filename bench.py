@@ -7,7 +7,8 @@ Does early exit save time on the clock, not only layers? Ratios of timings taken
     python bench.py --lm_ckpt=out_lm/stage3.pt  # the language model of python train.py --task=lm (the default)
 
 Each figure is a ratio of two timings of the same inputs, taken interleaved (A, B, A, B, ...) and
-summarised by the median of the repeats, so that a noisy machine slows both sides alike.
+summarised by the median of the repeats, so that a noisy machine slows both sides alike. At batch 1
+the two alternate input by input, and each input's medians are summed.
   realized_over_layer_speedup  (time at full depth / time with early exit) / (L / mean exit layer)
   realized_without_decisions_batch_1  the same at batch 1 for each input's exit known in advance (no decisions):
                                the ceiling that the costs shared with full depth leave
@@ -47,15 +48,24 @@ def timer(device):
 
 
 def interleaved(fa, fb, repeats, now):
-    """median time of fa / median time of fb, the two run alternately after one warm-up each."""
-    fa(), fb()
-    ta, tb = [], []
+    """
+    Median time of fa / median time of fb, the two run alternately after one warm-up each. fa and fb may
+    also be lists (one function per input, as each() makes): each pair alternates on its own input, and
+    the ratio is of the sums of their medians. A pair then runs within milliseconds, not within the
+    time of all inputs, so that a machine whose speed drifts (this one's did by half, within minutes)
+    slows both sides alike.
+    """
+    fa, fb = (f if isinstance(f, list) else [f] for f in (fa, fb))
+    ta, tb = [[] for _ in fa], [[] for _ in fb]
+    for a, b in zip(fa, fb):
+        a(), b()
     for _ in range(repeats):
-        for f, ts in ((fa, ta), (fb, tb)):
-            t0 = now()
-            f()
-            ts.append(now() - t0)
-    return statistics.median(ta) / statistics.median(tb)
+        for a, b, sa, sb in zip(fa, fb, ta, tb):
+            for f, ts in ((a, sa), (b, sb)):
+                t0 = now()
+                f()
+                ts.append(now() - t0)
+    return sum(map(statistics.median, ta)) / sum(map(statistics.median, tb))
 
 
 def load_model(ckpt, device):
@@ -191,6 +201,11 @@ def over(batches, f):
     return lambda: [f(b["input_ids"], b["attention_mask"]) for b in batches]
 
 
+def each(batches, f):
+    """One function of no arguments per batch, running f(input_ids, attention_mask) on it."""
+    return [partial(f, b["input_ids"], b["attention_mask"]) for b in batches]
+
+
 def main(argv):
     args = dict(a.removeprefix("--").partition("=")[::2] for a in argv)
     unknown = set(args) - {"json", "ckpt", "lm_ckpt", "repeats", "device"}
@@ -220,15 +235,15 @@ def main(argv):
             exits = torch.cat([e for _, e in over(batches, partial(cee.early_exit, model, rule=policy))()])
             mean_exit = exits.float().mean().item()
             out["mean_exit_layer"][name] = mean_exit
-            ratio = interleaved(over(batches, partial(full_depth, model)),
-                                over(batches, partial(cee.early_exit, model, rule=policy)), reps, now)
+            ratio = interleaved(each(batches, partial(full_depth, model)),
+                                each(batches, partial(cee.early_exit, model, rule=policy)), reps, now)
             out["realized_over_layer_speedup"][name] = ratio / (L / mean_exit)
             if name == "batch_1":  # the same exits, known in advance: what is left once decisions are free
                 known = [(b["input_ids"], b["attention_mask"], int(e)) for b, e in zip(singles, exits)]
-                free = interleaved(over(batches, partial(full_depth, model)),
-                                   lambda: [full_depth(model, *k) for k in known], reps, now)
+                free = interleaved(each(batches, partial(full_depth, model)),
+                                   [partial(full_depth, model, *k) for k in known], reps, now)
                 out["realized_without_decisions_batch_1"] = free / (L / mean_exit)
-            out["ours_over_hf_inference"][name] = interleaved(over(batches, hf), over(batches, minilm.layer_states),
+            out["ours_over_hf_inference"][name] = interleaved(each(batches, hf), each(batches, minilm.layer_states),
                                                               repeats, now)
 
         for key, batches in (("decision_overhead", [b64]), ("decision_overhead_batch_1", singles)):

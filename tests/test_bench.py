@@ -74,3 +74,19 @@ def test_full_depth_baseline_answers_as_early_exit():
         assert torch.equal(bench.full_depth(model, ids, mask), preds) and exits.tolist() == [3] * 6
         preds, _ = cee.early_exit(model, ids, mask, cee.ExitRule("static", 2))  # an exit known in advance
         assert torch.equal(bench.full_depth(model, ids, mask, layers=2), preds)
+
+
+def test_interleaved_pairs_each_input_and_sums_its_medians():
+    """On a fake clock: the pairs alternate input by input, and one slow repeat does not move a median."""
+    clock, calls = [0.0], []
+
+    def work(name, seconds):
+        def f():
+            calls.append(name)
+            clock[0] += seconds.pop(0) if isinstance(seconds, list) else seconds
+        return f
+    fa = [work("a0", [1, 1, 100, 1]), work("a1", 3)]  # the warm-up, then 3 repeats, one of them slow
+    fb = [work("b0", 2), work("b1", 4)]
+    assert bench.interleaved(fa, fb, 3, lambda: clock[0]) == pytest.approx((1 + 3) / (2 + 4))
+    assert calls == ["a0", "b0", "a1", "b1"] * 4
+    assert bench.interleaved(work("a", 3), work("b", 2), 2, lambda: clock[0]) == pytest.approx(1.5)
