@@ -52,12 +52,11 @@ def interleaved(fa, fb, repeats, now):
     Median time of fa / median time of fb, the two run alternately after one warm-up each. fa and fb may
     also be lists (one function per input, as each() makes): each pair alternates on its own input, and
     the ratio is of the sums of their medians. A pair then runs within milliseconds, not within the
-    time of all inputs, so that a machine whose speed drifts (this one's did by half, within minutes)
-    slows both sides alike.
+    time of all inputs, so that a machine whose speed drifts slows both sides alike.
     """
-    fa, fb = (f if isinstance(f, list) else [f] for f in (fa, fb))
+    fa, fb = ([f] if callable(f) else list(f) for f in (fa, fb))
     ta, tb = [[] for _ in fa], [[] for _ in fb]
-    for a, b in zip(fa, fb):
+    for a, b in zip(fa, fb, strict=True):
         a(), b()
     for _ in range(repeats):
         for a, b, sa, sb in zip(fa, fb, ta, tb):

@@ -77,7 +77,8 @@ def test_full_depth_baseline_answers_as_early_exit():
 
 
 def test_interleaved_pairs_each_input_and_sums_its_medians():
-    """On a fake clock: the pairs alternate input by input, and one slow repeat does not move a median."""
+    """On a fake clock: the pairs alternate input by input, and a slow repeat of each input (in different
+    rounds, so that the median of the per-round sums would move) does not move the result."""
     clock, calls = [0.0], []
 
     def work(name, seconds):
@@ -85,7 +86,7 @@ def test_interleaved_pairs_each_input_and_sums_its_medians():
             calls.append(name)
             clock[0] += seconds.pop(0) if isinstance(seconds, list) else seconds
         return f
-    fa = [work("a0", [1, 1, 100, 1]), work("a1", 3)]  # the warm-up, then 3 repeats, one of them slow
+    fa = [work("a0", [1, 1, 100, 1]), work("a1", [3, 3, 3, 100])]  # the warm-up, then 3 repeats, one slow
     fb = [work("b0", 2), work("b1", 4)]
     assert bench.interleaved(fa, fb, 3, lambda: clock[0]) == pytest.approx((1 + 3) / (2 + 4))
     assert calls == ["a0", "b0", "a1", "b1"] * 4
