@@ -195,14 +195,15 @@ def lm_generation(ckpt, device, repeats, now, new_tokens=96):
     return out
 
 
-def over(batches, f):
-    """A function of no arguments that runs f(input_ids, attention_mask) on every batch."""
-    return lambda: [f(b["input_ids"], b["attention_mask"]) for b in batches]
-
-
 def each(batches, f):
     """One function of no arguments per batch, running f(input_ids, attention_mask) on it."""
     return [partial(f, b["input_ids"], b["attention_mask"]) for b in batches]
+
+
+def over(batches, f):
+    """A function of no arguments that runs f(input_ids, attention_mask) on every batch."""
+    runs = each(batches, f)
+    return lambda: [run() for run in runs]
 
 
 def main(argv):
