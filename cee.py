@@ -3,12 +3,14 @@ ConsistentEE (Zeng et al., AAAI 2024, arXiv 2312.11882): the method, from losses
 
 - exit_ce, weighted_exit_loss: stage 1 trains every exit head, deeper ones weighted more (PABEE).
 - memorized_layer: the per-input hardness that shapes the reward (paper Sec. "Memorized Layer").
-- policy_probs, stage_loss: the loss of each training stage; 2 and 3 add the policy gradient (rl.py).
+- policy_probs, exit_gain, stage_loss: the loss of each training stage; 2 and 3 add the policy
+  gradient (rl.py) with the hardness reward, whose accuracy term is -CE or 1 if the head is right.
 - ExitRule: when to stop at inference; the learned policy, and the classic rules on the same model:
   a fixed layer, entropy (DeeBERT, Xin et al. 2020), patience (PABEE), max probability.
 - early_exit: batched inference that runs one layer at a time and drops the rows that exited.
 - exit_layers, sweep: the same rules applied to every layer's precomputed outputs, for cheap sweeps;
-  grids, best_speedups, rank_correlation: how the sweeps are set and read.
+  grids, best_speedups, front, pick, matched, paired_bootstrap, rank_correlation: how the sweeps are
+  set and read, and how sure a difference is.
 The policy-gradient maths is in rl.py, the backbones and the policy network in model.py, the
 training loop in train.py.
 """
@@ -58,24 +60,42 @@ def policy_probs(model, s, logits):
     return torch.stack(p + [s.new_ones(s.size(0))], 1)
 
 
-def stage_loss(model, stage, s, logits, labels, memorized, cfg):
+REWARDS = ("correct", "ce")
+
+
+def exit_gain(logits, target, reward):
+    """
+    The reward's accuracy term for exiting at each layer: logits (B, L, n), target (B,) -> (B, L).
+    "ce" (the paper's): -CE of the head, which keeps paying for depth after the head is already right;
+    "correct": 1 if the head's argmax is the target, else 0, which pays only for being right.
+    Example: the target's probability 0.6 at head 1 and 0.9 at head 2 of two classes (both right)
+    -> ce [[-0.51, -0.11]], correct [[1, 1]]
+    """
+    if reward == "ce":
+        return -exit_ce(logits, target)
+    return (logits.argmax(-1) == target[:, None]).to(logits.dtype)
+
+
+def stage_loss(model, stage, s, logits, labels, memorized, alpha, cfg):
     """
     The loss of one batch in training stage 1, 2 or 3 (one function, so the stages cannot drift apart).
     s (B, L, C) exit states, logits (B, L, n) every head's output, labels (B,), memorized (B,) the
-    inputs' memorized layers; cfg gives alpha, K, estimator and policy_target. Returns (loss, {name: value} to log).
+    inputs' memorized layers, alpha the depth penalty; cfg gives K, estimator, reward and policy_target.
+    Returns (loss, {name: value} to log).
     """
     if stage == 1:
         loss = weighted_exit_loss(logits, labels)
         return loss, {"loss/cls": loss.item()}
     L = logits.size(1)
     ce = exit_ce(logits, labels)  # (B, L)
-    # The reward scores each head against reward_target: the label, or the full depth's prediction (policy_target
-    # "full": the policy learns when a head agrees with the last one, the consistency CALM asks of generation)
-    ce_reward = exit_ce(logits, reward_target(logits, labels, cfg))  # (B, L)
+    # The reward scores each head against reward_target: the label, or the full depth's prediction
+    # (policy_target "full": the policy learns when a head agrees with the last one, the consistency
+    # CALM asks of generation)
+    gain = exit_gain(logits.detach(), reward_target(logits, labels, cfg), cfg.reward)  # (B, L)
     # The policy learns from the reward only: it reads detached states, so no noisy REINFORCE gradient
     # reaches the backbone; in stage 3 the backbone learns from the loss at the exits actually taken.
     p = policy_probs(model, s.detach(), logits.detach())  # (B, L)
-    reward = rl.reward_table(ce_reward.detach(), memorized, cfg.alpha)  # (B, L) reward of exiting at each layer
+    reward = rl.reward_table(gain, memorized, alpha)  # (B, L) reward of exiting at each layer
     if cfg.estimator == "exact":
         weights = rl.exit_distribution(p).detach()  # (B, L)
         policy_loss = rl.expected_reward_loss(p, reward)
@@ -93,13 +113,15 @@ def stage_loss(model, stage, s, logits, labels, memorized, cfg):
 
 
 def reward_target(logits, labels, cfg):
-    """What the reward and the memorized layer measure the heads against: the labels, or the last head's argmax."""
+    """What the reward and the memorized layer measure the heads against: the labels, or the last head's
+    argmax."""
     return labels if cfg.policy_target == "label" else logits[:, -1].detach().argmax(-1)
 
 
-def best_exits(logits, labels, memorized, alpha):
-    """The exit layer (B,) with the highest hardness reward: what a policy that knew the label would pick."""
-    return rl.reward_table(exit_ce(logits, labels), memorized, alpha).argmax(1) + 1
+def best_exits(logits, target, memorized, alpha, reward):
+    """The exit layer (B,) with the highest hardness reward: what a policy that knew the target would
+    pick."""
+    return rl.reward_table(exit_gain(logits, target, reward), memorized, alpha).argmax(1) + 1
 
 
 @dataclass
@@ -267,6 +289,46 @@ def best_speedups(methods, full_accuracy):
                      for regime, tol in (("no_loss", 1e-9), ("within_1_point", 0.01))}
         out[name]["agreement_0.9"] = max((m["speedup"] for m in pts if m["agreement"] >= 0.9), default=None)
     return out
+
+
+def front(points):
+    """
+    The points no other point beats on both speed-up and accuracy (the upper-left envelope of a trade-off
+    plot), fastest first. Example, as (speedup, accuracy): (1, .9), (2, .8), (2, .7), (3, .85)
+    -> (3, .85), (1, .9): (2, .8) and (2, .7) are slower than (3, .85) and less accurate.
+    """
+    out = []
+    for m in sorted(points, key=lambda m: (-m["speedup"], -m["accuracy"])):
+        if not out or m["accuracy"] > out[-1]["accuracy"]:
+            out.append(m)
+    return out
+
+
+def pick(points, full_accuracy, tol=0.01):
+    """The fastest point within tol of full depth's accuracy; if there is none, the most accurate."""
+    close = [m for m in points if m["accuracy"] >= full_accuracy - tol]
+    if close:
+        return max(close, key=lambda m: (m["speedup"], m["accuracy"]))
+    return max(points, key=lambda m: (m["accuracy"], m["speedup"]))
+
+
+def matched(point, others):
+    """The most accurate of others at least as fast as point (None if none is): the fair rival."""
+    faster = [m for m in others if m["speedup"] >= point["speedup"] - 1e-9]
+    return max(faster, key=lambda m: (m["accuracy"], m["speedup"]), default=None)
+
+
+def paired_bootstrap(a, b, n=2000, seed=0):
+    """
+    Accuracy of a minus accuracy of b on the same inputs, and its 95% interval over n resamplings of the
+    inputs (both methods see the same resampled inputs, so what they share cancels).
+    a, b (N,) bool, each input answered right -> (difference, low, high).
+    """
+    g = torch.Generator().manual_seed(seed)
+    d = a.float().cpu() - b.float().cpu()  # (N,)
+    i = torch.randint(0, len(d), (n, len(d)), generator=g)  # (n, N) resampled inputs
+    lo, hi = torch.quantile(d[i].mean(1), torch.tensor([0.025, 0.975])).tolist()
+    return d.mean().item(), lo, hi
 
 
 def rank_correlation(a, b):

@@ -84,22 +84,25 @@ def expected_reward_loss(p, reward):
     return -(exit_distribution(p) * reward).sum(dim=1).mean()
 
 
-def hardness_reward(ce, exit_layer, memorized, n_layer, alpha):
+def hardness_reward(gain, exit_layer, memorized, n_layer, alpha):
     """
-    R = -CE - alpha * t * (1 - m / L): an input that exits at layer t pays its head's cross-entropy plus a
-    depth penalty that is full for easy inputs (small memorized layer m) and zero for hard ones (m = L).
+    R = gain - alpha * t * (1 - m / L): an input that exits at layer t earns its head's gain (the paper's
+    -CE, or 1 if the head is right and 0 if not) minus a depth penalty that is full for easy inputs (small
+    memorized layer m) and zero for hard ones (m = L). Each layer deeper costs alpha * (1 - m / L), so
+    the whole penalty grows with the depth L: a deeper backbone asks for a smaller alpha.
     Elementwise, broadcasting; exit_layer and memorized are 1-based layer numbers.
-    Example: ce=0.2, t=3, m=2, L=6, alpha=0.1 -> -0.2 - 0.1*3*(1 - 2/6) = -0.2 - 0.2 = -0.4
+    Example: gain=-0.2 (CE 0.2), t=3, m=2, L=6, alpha=0.1 -> -0.2 - 0.1*3*(1 - 2/6) = -0.2 - 0.2 = -0.4
     """
-    return -ce - alpha * exit_layer * (1 - memorized / n_layer)
+    return gain - alpha * exit_layer * (1 - memorized / n_layer)
 
 
-def reward_table(ce_per_layer, memorized, alpha):
+def reward_table(gain_per_layer, memorized, alpha):
     """
-    The hardness reward of exiting at every layer: ce_per_layer (B, L), memorized (B,) -> reward (B, L).
+    The hardness reward of exiting at every layer: gain_per_layer (B, L), memorized (B,) -> reward (B, L).
     Index it with sampled exits via torch.gather(reward.T, 0, exits - 1) -> (k, B).
-    Example: ce = [[0.4, 0.1]], m = [1], alpha = 0.5 -> [[-0.4 - 0.5*1*0.5, -0.1 - 0.5*2*0.5]] = [[-0.65, -0.6]]
+    Example: gain = [[1, 1]] (both heads right), m = [1], alpha = 0.5
+             -> [[1 - 0.5*1*0.5, 1 - 0.5*2*0.5]] = [[0.75, 0.5]]: right at layer 1, so exit there
     """
-    L = ce_per_layer.shape[1]
-    layers = torch.arange(1, L + 1, device=ce_per_layer.device)  # (L,) exit layer of each column
-    return hardness_reward(ce_per_layer, layers, memorized.unsqueeze(1), L, alpha)  # (B, L)
+    L = gain_per_layer.shape[1]
+    layers = torch.arange(1, L + 1, device=gain_per_layer.device)  # (L,) exit layer of each column
+    return hardness_reward(gain_per_layer, layers, memorized.unsqueeze(1), L, alpha)  # (B, L)

@@ -22,7 +22,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 
 import torch
 import torch.distributed as dist
@@ -48,7 +48,9 @@ class TrainConfig:
     task: str = "rotten_tomatoes"  # rotten_tomatoes, imdb, a .csv/.json/.jsonl file with text, label; or lm
     init: str = "minilm"         # "minilm" (all-MiniLM-L6-v2) or a Hugging Face BERT folder; lm: "scratch" or a GPT-2 folder
     out_dir: str = "out"         # stage{1,2,3}.pt, resume.pt, report.json, tradeoff.png
-    seed: int = 1337
+    seed: int = 1337             # the data split, the new weights and every random draw of training
+    train_seed: int = 0          # added to seed for training's draws alone (shuffles, dropout, sampled exits):
+                                 # --stage=2 --train_seed=1 repeats stages 2-3 on the same stage-1 model
     stage: int = 1               # first stage to run; 2 or 3 start from the previous stage's checkpoint
     max_steps: int = 0           # cap on each stage's optimiser steps, 0 = none (for smoke runs)
     device: str = "auto"         # auto = cuda, then mps, then cpu
@@ -62,13 +64,15 @@ class TrainConfig:
     # stage 2: policies only, on the frozen stage-1 model
     epochs2: float = 5
     lr2: float = 3e-4
-    policy_split: str = "train"  # stage 2 learns on "train", or "validation" (heads not fit there); stage 3 on train
     policy_target: str = "label"  # reward and memorized layer judge heads by the "label", or the "full" depth's argmax
+    reward: str = "correct"      # the reward's accuracy term: "correct" (1 if the exit head is right) or "ce" (-CE)
+    alphas: str = "0.01,0.02,0.03,0.04,0.05,0.06,0.08,0.1,0.12,0.15,0.2"  # stage 2 trains policies for each
+                                 # (and each reward); stage 3 takes the one picked on validation
     # stage 3: all parameters, consistent loss + policy loss (on the training inputs; --task=lm: the lm_rl_windows)
     epochs3: float = 1
     lr3: float = 2e-5
+    control: bool = True         # also spend stage 3's steps on stage 1's loss instead, for a fair comparison
     # the policy gradient
-    alpha: float = 0.1           # weight of the depth penalty in the hardness reward
     K: int = 8                   # trajectories per input, sampled from one backbone pass
     estimator: str = "reinforce"  # "reinforce" (sampled, mean-of-K baseline) or "exact" (sum over all exits)
     threshold: float = 0.5       # exit when the policy's probability exceeds this
@@ -91,8 +95,8 @@ class TrainConfig:
 # nanoGPT); each batch holds 32 x 128 inputs (token positions); its policy learns to agree with the full
 # depth (what generation is judged by) at a lower depth penalty
 LM_DEFAULTS = {"out_dir": "out_lm", "init": "scratch", "lr1": 3e-3, "epochs1": 1, "lr3": 3e-4, "batch_size": 32,
-               "epochs2": 10, "epochs3": 1, "warmup": 20, "beta2": 0.95,
-               "policy_target": "full", "alpha": 0.05}
+               "epochs2": 3, "epochs3": 1, "warmup": 20, "beta2": 0.95,
+               "policy_target": "full", "alphas": "0.02,0.05,0.1,0.2", "control": False}
 
 
 def overrides(cfg, argv, prog, doc):
@@ -129,11 +133,11 @@ def parse_args(argv):
                 setattr(cfg, key, value)
         if "lr1" not in given and cfg.init != "scratch":
             cfg.lr1 = 5e-5  # fine-tuning a pretrained GPT-2, not learning from scratch
-    checks = [(cfg.alpha >= 0, "--alpha must be >= 0"), (cfg.K >= 1, "--K must be >= 1"),
+    checks = [(cfg.K >= 1, "--K must be >= 1"),
               (cfg.stage in (1, 2, 3), "--stage must be 1, 2 or 3"), (cfg.max_steps >= 0, "--max_steps must be >= 0"),
               (cfg.estimator in ("reinforce", "exact"), "--estimator must be reinforce or exact"),
               (cfg.pool in ("mean", "cls"), "--pool must be mean or cls"), (cfg.batch_size >= 1, "--batch_size >= 1"),
-              (cfg.policy_split in ("train", "validation"), "--policy_split must be train or validation"),
+              (cfg.reward in cee.REWARDS, f"--reward must be {' or '.join(cee.REWARDS)}"),
               (cfg.policy_target in ("label", "full"), "--policy_target must be label or full"),
               (0 <= cfg.threshold <= 1, "--threshold must lie in [0, 1]"), (cfg.log_interval >= 1, "--log_interval >= 1"),
               (cfg.ckpt_interval >= 1, "--ckpt_interval >= 1"), (cfg.warmup >= 0, "--warmup >= 0"),
@@ -148,7 +152,19 @@ def parse_args(argv):
     for ok, msg in checks:
         if not ok:
             raise SystemExit(f"train.py: {msg}")
+    alpha_grid(cfg)
     return cfg
+
+
+def alpha_grid(cfg):
+    """--alphas as a list of floats: '0.01,0.1' -> [0.01, 0.1]."""
+    try:
+        alphas = [float(a) for a in cfg.alphas.split(",")]
+    except ValueError:
+        alphas = []
+    if not alphas or not all(0 <= a < math.inf for a in alphas):
+        raise SystemExit(f"train.py: --alphas must be numbers >= 0 separated by commas, got {cfg.alphas!r}")
+    return alphas
 
 
 def pick_device(name):
@@ -238,18 +254,21 @@ def lr_factor(step, total, warmup):
     return (step + 1) / (w + 1) if step < w else (total - step) / (total - w)
 
 
-def run_stage(model, stage, task, memorized, cfg, train_pass=None, resume=None):
+def run_stage(model, stage, task, memorized, cfg, alpha=0.0, train_pass=None, resume=None, resumable=True,
+              name=None):
     """
     One optimiser loop for any stage: what changes is the parameters, the data and stage_loss.
-    train_pass: all_layers() of the training split by this model, if already at hand.
+    alpha: the depth penalty of the reward (stages 2 and 3).
+    train_pass: all_layers() of the training split by this model (stage 2: required).
     resume: the contents of a resume.pt written by this stage, to continue from its step.
+    resumable: write out_dir/resume.pt as it goes (stage 2 takes seconds and is simply run again).
+    name: what the progress bar and the log lines call it ("stage 1" .. "stage 3" by default).
     """
-    if stage == 2:  # frozen backbone: the states of every input are computed once
-        split = task["train_rl" if cfg.policy_split == "train" else "validation"]
-        if cfg.policy_split != "train" or train_pass is None:
-            train_pass = gathered_layers(model, split, cfg)
+    name = name or f"stage {stage}"
+    if stage == 2:  # frozen backbone: the states of every input were computed once, in train_pass
+        split = task["train_rl"]
         s_all, logits_all, labels_all = train_pass
-        mem_all = memorized if cfg.policy_split == "train" else memorized_of(logits_all, labels_all, cfg)
+        mem_all = memorized
         params = list(model.policies.parameters())
     else:  # stage 3 trains on the inputs whose memorized layers were kept
         split, params = task["train" if stage == 1 else "train_rl"], list(model.parameters())
@@ -260,8 +279,9 @@ def run_stage(model, stage, task, memorized, cfg, train_pass=None, resume=None):
         total = min(total, cfg.max_steps)
     opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, cfg.beta2), weight_decay=0.01 if stage != 2 else 0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: lr_factor(i, total, cfg.warmup))
-    torch.manual_seed(cfg.seed + stage)  # each stage reproducible on its own, e.g. after --stage=2
-    g = torch.Generator().manual_seed(cfg.seed + stage)
+    seed = cfg.seed + cfg.train_seed
+    torch.manual_seed(seed + stage)  # each stage reproducible on its own, e.g. after --stage=2
+    g = torch.Generator().manual_seed(seed + stage)
     step, epoch, skip = 0, 0, 0
     if resume is not None:  # continue bit for bit: optimiser, schedule, random streams, place in the epoch
         opt.load_state_dict(resume["optimizer"])
@@ -279,12 +299,12 @@ def run_stage(model, stage, task, memorized, cfg, train_pass=None, resume=None):
         if stage == 2:  # the cached states are indexed directly (a window of an LM gives T of them)
             per_input = len(s_all) // len(split)
             return ({"index": i} for i in torch.randperm(len(s_all), generator=g).split(cfg.batch_size * per_input))
-        return data.batches(split, cfg.batch_size, shuffle=True, seed=cfg.seed + 1000 * stage + epoch,
+        return data.batches(split, cfg.batch_size, shuffle=True, seed=seed + 1000 * stage + epoch,
                             device=cfg.device)
 
     model.train()
     t0 = time.time()
-    bar = tqdm(total=total, initial=step, desc=f"stage {stage}", file=sys.stderr, dynamic_ncols=True,
+    bar = tqdm(total=total, initial=step, desc=name, file=sys.stderr, dynamic_ncols=True,
                disable=not MASTER)
     while step < total:
         batch_rng = g.get_state()  # where this epoch's shuffle starts, for resume.pt
@@ -302,11 +322,11 @@ def run_stage(model, stage, task, memorized, cfg, train_pass=None, resume=None):
             else:
                 logits, s, labels = rows(model, b)
                 mem = None if memorized is None else memorized.view(len(split), -1)[b["index"]].flatten()
-            loss, logs = (cee.stage_loss(model, stage, s, logits, labels, mem, cfg) if torch.isfinite(logits).all()
-                          else (None, {"logits": math.nan}))
+            loss, logs = (cee.stage_loss(model, stage, s, logits, labels, mem, alpha, cfg)
+                          if torch.isfinite(logits).all() else (None, {"logits": math.nan}))
             if not all_ok(all(math.isfinite(v) for v in logs.values())):  # a NaN/inf in logits, losses, rewards
                 bad = [k for k, v in logs.items() if not math.isfinite(v)] or "values in another process"
-                raise SystemExit(f"train.py: non-finite {bad} at stage {stage} step {step + 1}; stopped, "
+                raise SystemExit(f"train.py: non-finite {bad} at {name} step {step + 1}; stopped, "
                                  "the saved checkpoints are kept")
             if WORLD > 1:  # each process has the mean over its rows: weight it so the average is the batch mean
                 loss = loss * (len(b["index"]) * WORLD / n)
@@ -322,15 +342,13 @@ def run_stage(model, stage, task, memorized, cfg, train_pass=None, resume=None):
             sched.step()
             step += 1
             bar.update()
-            if step % cfg.ckpt_interval == 0 or step == total:
-                write(os.path.join(cfg.out_dir, "resume.pt"), {
-                    "model": model.state_dict(), "model_config": asdict(model.config), "config": asdict(cfg),
-                    "stage": stage, "memorized": memorized, "optimizer": opt.state_dict(),
-                    "scheduler": sched.state_dict(), "step": step, "epoch": epoch, "batch": j + 1,
-                    "rng": rng_states(cfg), "batch_rng": batch_rng})
+            if resumable and (step % cfg.ckpt_interval == 0 or step == total):
+                write(os.path.join(cfg.out_dir, "resume.pt"), checkpoint(
+                    model, stage, memorized, cfg, alpha, optimizer=opt.state_dict(), scheduler=sched.state_dict(),
+                    step=step, epoch=epoch, batch=j + 1, rng=rng_states(cfg), batch_rng=batch_rng))
             if MASTER and (step % cfg.log_interval == 0 or step == total):
                 kv = " ".join(f"{k} {v:.4f}" for k, v in logs.items())
-                tqdm.write(f"stage {stage} step {step}/{total} {kv} lr {sched.get_last_lr()[0]:.2e} "
+                tqdm.write(f"{name} step {step}/{total} {kv} lr {sched.get_last_lr()[0]:.2e} "
                            f"s/step {(time.time() - t0) / step:.3f}", file=sys.stderr)
             if step == total:
                 break
@@ -350,9 +368,65 @@ def hardness(model, task, cfg):
     logits, labels = train_pass[1:]
     memorized = memorized_of(logits, labels, cfg)
     log("memorized layer of the training inputs: " + shares(memorized, model.config.n_layer))
-    best = cee.best_exits(logits, cee.reward_target(logits, labels, cfg), memorized, cfg.alpha)
-    log(f"reward-optimal exit layer (knowing the targets) at alpha {cfg.alpha}: " + shares(best, model.config.n_layer))
     return train_pass, memorized
+
+
+def policy_grid(model, task, memorized, train_pass, cfg):
+    """
+    Stage 2 for every reward and every alpha of --alphas: fresh policies each time, trained on the cached
+    states of the frozen stage-1 model, then swept over the threshold on the validation split. Leaves in
+    model.policies those of cfg.reward at the alpha picked on validation: the best speed-up at
+    cfg.threshold within 1 point of full depth (never picked on the test split).
+    Returns (the picked alpha, the grid: a list of {reward, alpha, policies, validation points}).
+    """
+    init = {k: v.clone() for k, v in model.policies.state_dict().items()}
+    s_val, logits_val, y_val = gathered_layers(model, task["validation"], cfg)
+    full_val = (logits_val[:, -1].argmax(-1) == y_val).float().mean().item()
+    logits, labels = train_pass[1:]
+    target = cee.reward_target(logits, labels, cfg)
+    L = model.config.n_layer
+    thresholds = sorted({*cee.grids(L, logits.size(-1))["consistentee"], cfg.threshold})
+    grid = []
+    for reward in cee.REWARDS:
+        for alpha in alpha_grid(cfg):
+            best = cee.best_exits(logits, target, memorized, alpha, reward)
+            log(f"reward {reward} alpha {alpha}: reward-optimal exit layer (knowing the targets) " + shares(best, L))
+            model.policies.load_state_dict(init)
+            run_stage(model, 2, task, memorized, replace(cfg, reward=reward), alpha, train_pass, resumable=False,
+                      name=f"stage 2 {reward} alpha {alpha}")
+            with torch.no_grad():
+                p = cee.policy_probs(model, s_val, logits_val)
+            points = cee.sweep("consistentee", thresholds, logits_val, y_val, p)
+            grid.append({"reward": reward, "alpha": alpha, "validation": points,
+                         "policies": {k: v.clone() for k, v in model.policies.state_dict().items()}})
+            at = next(m for m in points if m["param"] == cfg.threshold)
+            log(f"reward {reward} alpha {alpha}: validation {at['accuracy']:.3f} at {at['avg_layers']:.2f} layers "
+                f"(threshold {cfg.threshold}; full depth {full_val:.3f})")
+    ours = [{**m, "alpha": c["alpha"]} for c in grid if c["reward"] == cfg.reward
+            for m in c["validation"] if m["param"] == cfg.threshold]
+    chosen = cee.pick(ours, full_val)
+    cell = next(c for c in grid if c["reward"] == cfg.reward and c["alpha"] == chosen["alpha"])
+    model.policies.load_state_dict(cell["policies"])
+    log(f"picked on validation (full depth {full_val:.3f}): reward {cfg.reward} alpha {chosen['alpha']}, "
+        f"{chosen['accuracy']:.3f} at {chosen['avg_layers']:.2f} layers (threshold {cfg.threshold})")
+    return chosen["alpha"], grid
+
+
+def control(task, memorized, alpha, policies, cfg):
+    """
+    The fair test of stage 3: from the stage-1 model, as many steps of stage 1's weighted loss as stage 3
+    takes (same inputs, learning rate and schedule), then stage 2 at the same alpha, starting from the
+    same policies, on the new backbone's states. Written to out_dir/control.pt.
+    """
+    model, _, _ = load("stage1.pt", cfg)
+    like_stage3 = replace(cfg, epochs1=cfg.epochs3, lr1=cfg.lr3)
+    seconds = run_stage(model, 1, {"train": task["train_rl"]}, None, like_stage3, resumable=False, name="control")
+    model.policies.load_state_dict(policies)
+    t0 = time.time()
+    train_pass = gathered_layers(model, task["train_rl"], cfg)
+    run_stage(model, 2, task, memorized, cfg, alpha, train_pass, resumable=False, name="control policy")
+    write(os.path.join(cfg.out_dir, "control.pt"), checkpoint(model, "control", memorized, cfg, alpha))
+    return seconds + time.time() - t0
 
 
 def shares(layers, L):
@@ -377,10 +451,14 @@ def write(path, checkpoint):
         raise SystemExit(error or f"train.py: rank 0 could not write {path}")
 
 
-def save(model, stage, memorized, cfg):
-    write(os.path.join(cfg.out_dir, f"stage{stage}.pt"), {
-        "model": model.state_dict(), "model_config": asdict(model.config), "config": asdict(cfg),
-        "stage": stage, "memorized": memorized})
+def checkpoint(model, stage, memorized, cfg, alpha, **extra):
+    """What a checkpoint holds: the weights, how to rebuild the model, the run's options, where it stands."""
+    return {"model": model.state_dict(), "model_config": asdict(model.config), "config": asdict(cfg),
+            "stage": stage, "memorized": memorized, "alpha": alpha, **extra}
+
+
+def save(model, stage, memorized, cfg, alpha=0.0, **extra):
+    write(os.path.join(cfg.out_dir, f"stage{stage}.pt"), checkpoint(model, stage, memorized, cfg, alpha, **extra))
 
 
 SAME_DATA_AND_MODEL = ("task", "init", "seed", "max_len", "pool", "policy_conf", "lm_vocab", "lm_windows",
@@ -423,37 +501,64 @@ def timed_exits(model, split, rule, cfg):
     return time.time() - t0
 
 
-def evaluate_and_report(test, cfg, seconds):
-    """Baselines on the stage-1 model, ConsistentEE on the final one; report.json, tradeoff.png, a table."""
+def evaluate_and_report(task, cfg, seconds):
+    """
+    On the test split: the baselines on the stage-1 model; ConsistentEE's grid (stage-2 policies of every
+    reward and alpha, on the stage-1 model) and its stage-3 model, swept over the threshold; paired
+    bootstrap intervals against the baselines; stage 3 against its control. report.json, tradeoff.png.
+    """
     t0 = time.time()
-    m1, m2, m3 = (load(f"stage{stage}.pt", cfg)[0] for stage in (1, 2, 3))
+    test = task["test"]
+    m1, _, _ = load("stage1.pt", cfg)
+    grid = load("stage2.pt", cfg)[2]["grid"]
+    m3, _, ck3 = load("stage3.pt", cfg)
     s1, lg1, y = all_layers(m1, test, cfg)  # stage 2 trained policies only: its backbone is stage 1's
-    s3, lg3, _ = all_layers(m3, test, cfg)
-    with torch.no_grad():
-        p2, p3 = cee.policy_probs(m2, s1, lg1), cee.policy_probs(m3, s3, lg3)
     L, n = lg1.shape[1:]
     g = cee.grids(L, n)
-    methods = cee.sweep("consistentee", g["consistentee"], lg3, y, p3)
+    thresholds = sorted({*g["consistentee"], cfg.threshold})
+    methods, answers = [], {}  # answers: id of a point -> whether each test input was answered right
+
+    def add(name, params, logits, p=None, **keys):
+        points = [{**m, **keys} for m in cee.sweep(name, params, logits, y, p)]
+        for m in points:
+            exits = cee.exit_layers(cee.ExitRule(name, m["param"]), logits, p)  # (B,)
+            answers[id(m)] = logits[torch.arange(len(y)), exits - 1].argmax(-1) == y
+        methods.extend(points)
+        return points
+
     for name in ("static", "entropy", "patience", "maxprob"):
-        methods += cee.sweep(name, g[name], lg1, y)
-    stage2 = cee.sweep("consistentee", g["consistentee"], lg1, y, p2)
+        add(name, g[name], lg1)
+    with torch.no_grad():
+        for cell in grid:
+            m1.policies.load_state_dict(cell["policies"])
+            add("consistentee", thresholds, lg1, cee.policy_probs(m1, s1, lg1), alpha=cell["alpha"],
+                reward=cell["reward"], stage=2)
+        s3, lg3, _ = all_layers(m3, test, cfg)
+        p3 = cee.policy_probs(m3, s3, lg3)
+    ours = add("consistentee", thresholds, lg3, p3, alpha=ck3["alpha"], reward=cfg.reward, stage=3)
+    operating = next(m for m in ours if m["param"] == cfg.threshold)  # what the final model does by default
+    exits = cee.exit_layers(cee.ExitRule("consistentee", cfg.threshold), lg3, p3)  # (B,)
+    full = (lg1[:, -1].argmax(-1) == y).float().mean().item()
     memorized = memorized_of(lg1, y, cfg)  # hardness of the test inputs, by the stage-1 heads
-    exits = cee.exit_layers(cee.ExitRule("consistentee", cfg.threshold), lg3, p3)
-    buckets = {l: exits[memorized == l].float().mean().item() for l in range(1, L + 1) if (memorized == l).any()}
+    buckets = [l for l in range(1, L + 1) if (memorized == l).any()]
+    report = {"full": {"accuracy": full, "layers": L}, "methods": methods, "seconds": seconds, "config": asdict(cfg),
+              "final_full_depth_accuracy": (lg3[:, -1].argmax(-1) == y).float().mean().item(),
+              "picked": {"alpha": ck3["alpha"], "reward": cfg.reward, "threshold": cfg.threshold},
+              "best_speedup": cee.best_speedups(groups(methods), full),
+              "exit_by_memorized_layer": {
+                  "mean_exit": {l: exits[memorized == l].float().mean().item() for l in buckets},
+                  "count": {l: int((memorized == l).sum()) for l in buckets},
+                  "histogram": {l: torch.bincount(exits[memorized == l], minlength=L + 1)[1:].tolist()
+                                for l in buckets},
+                  "threshold": cfg.threshold, "target": cfg.policy_target,
+                  "rank_correlation": cee.rank_correlation(memorized, exits)},
+              "versus_baselines": versus_baselines(methods, answers, operating, full)}
+    if cfg.control:
+        report["stage3_vs_control"] = against_control(m3, p3, lg3, y, test, thresholds, cfg)
     if cfg.task != "lm":  # a language model's time is measured generating: generate.py, bench.py
         seconds["test_full_depth"] = timed_exits(m3, test, cee.ExitRule("static", L), cfg)
         seconds["test_consistentee"] = timed_exits(m3, test, cee.ExitRule("consistentee", cfg.threshold), cfg)
     seconds["eval"] = time.time() - t0
-    full = (lg1[:, -1].argmax(-1) == y).float().mean().item()
-    report = {"full": {"accuracy": full, "layers": L},
-              "methods": methods, "seconds": seconds, "config": asdict(cfg),
-              "final_full_depth_accuracy": (lg3[:, -1].argmax(-1) == y).float().mean().item(),
-              "stage2_policy": stage2,
-              "best_speedup": cee.best_speedups(methods + [{**m, "name": "consistentee_stage2"} for m in stage2], full),
-              "exit_by_memorized_layer": {"mean_exit": buckets, "count": {l: int((memorized == l).sum())
-                                                                          for l in buckets},
-                                          "threshold": cfg.threshold, "target": cfg.policy_target,
-                                          "rank_correlation": cee.rank_correlation(memorized, exits)}}
     path = os.path.join(cfg.out_dir, "report.json")
     with open(path + ".tmp", "w") as f:
         json.dump(report, f, indent=1)
@@ -463,18 +568,91 @@ def evaluate_and_report(test, cfg, seconds):
     return report
 
 
+def groups(methods):
+    """Each baseline by name; ConsistentEE as a whole, after stage 3, and each reward's stage-2 grid."""
+    out = []
+    for m in methods:
+        out.append(m)
+        if m["name"] == "consistentee":
+            part = "stage3" if m["stage"] == 3 else f"stage2_{m['reward']}"
+            out.append({**m, "name": f"consistentee_{part}"})
+    return out
+
+
+def versus_baselines(methods, answers, operating, full):
+    """
+    Paired bootstrap intervals (resampling test inputs) of accuracy differences at matched speed: the
+    operating point and ConsistentEE's best point within 1 point of full depth, each against the most
+    accurate baseline point at least as fast; and every baseline point on the baselines' front that lies
+    above ConsistentEE's front, against the most accurate ConsistentEE point at least as fast.
+    """
+    ours = [m for m in methods if m["name"] == "consistentee"]
+    theirs = [m for m in methods if m["name"] != "consistentee"]
+
+    def pair(what, a, b):
+        row = {"what": what, "consistentee": brief(a), "baseline": brief(b)}
+        if a is not None and b is not None:
+            d, lo, hi = cee.paired_bootstrap(answers[id(a)], answers[id(b)])
+            row |= {"difference": d, "interval": [lo, hi]}
+        return row
+
+    rows = [pair("operating point", operating, cee.matched(operating, theirs))]
+    best = cee.pick(ours, full)
+    rows.append(pair("best within 1 point", best, cee.matched(best, theirs)))
+    for b in cee.front(theirs):
+        a = cee.matched(b, ours)
+        if a is None or b["accuracy"] > a["accuracy"]:
+            rows.append(pair("baseline above the front", a, b))
+    return rows
+
+
+def brief(m):
+    """A point's name, knobs and figures, for the comparisons."""
+    keys = ("name", "param", "alpha", "reward", "stage", "accuracy", "speedup")
+    return None if m is None else {k: m[k] for k in keys if k in m}
+
+
+def against_control(m3, p3, lg3, y, test, thresholds, cfg):
+    """Stage 3 against the control (stage 1's loss for as many steps, then stage 2): each one's full
+    depth, every exit head, the policy's operating point and best speed-ups; paired differences."""
+    mc, _, _ = load("control.pt", cfg)
+    sc, lgc, _ = all_layers(mc, test, cfg)
+    with torch.no_grad():
+        pc = cee.policy_probs(mc, sc, lgc)
+    out, right = {}, {}
+    for name, logits, p in (("stage3", lg3, p3), ("control", lgc, pc)):
+        heads = (logits.argmax(-1) == y[:, None]).float().mean(0).tolist()  # (L,) each exit head alone
+        points = cee.sweep("consistentee", thresholds, logits, y, p)
+        exits = cee.exit_layers(cee.ExitRule("consistentee", cfg.threshold), logits, p)
+        right[name] = (logits[:, -1].argmax(-1) == y, logits[torch.arange(len(y)), exits - 1].argmax(-1) == y)
+        op = next(m for m in points if m["param"] == cfg.threshold)
+        out[name] = {"full": heads[-1], "heads": heads, "operating": op,
+                     "best_speedup": cee.best_speedups(points, heads[-1])["consistentee"]}
+    for i, what in enumerate(("full", "operating")):
+        d, lo, hi = cee.paired_bootstrap(right["stage3"][i], right["control"][i])
+        out[f"{what}_difference"] = {"difference": d, "interval": [lo, hi]}
+    return out
+
+
 def print_table(r):
     print(f"full depth (stage 1): accuracy {r['full']['accuracy']:.3f} at {r['full']['layers']} layers; "
           f"after stage 3: {r['final_full_depth_accuracy']:.3f}")
-    print(f"{'method':<14}{'param':>8}{'accuracy':>10}{'agreement':>11}{'layers':>8}{'speedup':>9}")
+    print(f"{'method':<14}{'reward':>8}{'alpha':>7}{'param':>7}{'accuracy':>10}{'agreement':>11}{'layers':>8}"
+          f"{'speedup':>9}")
+    baselines = [m for m in r["methods"] if m["name"] != "consistentee"]
+    stage3 = [m for m in r["methods"] if m.get("stage") == 3]
+    fronts = [p for rew in cee.REWARDS for p in cee.front(
+        [m for m in r["methods"] if m.get("stage") == 2 and m["reward"] == rew])[::-1]]
     seen = set()
-    for m in r["methods"] + [{**m, "name": "stage2-policy"} for m in r["stage2_policy"]]:
-        point = (m["name"], round(m["accuracy"], 4), round(m["avg_layers"], 3))
+    for m in baselines + stage3 + fronts:
+        name = m["name"] if m["name"] != "consistentee" else f"cee-stage{m['stage']}"
+        point = (name, m.get("reward"), round(m["accuracy"], 4), round(m["avg_layers"], 3))
         if point in seen:  # a knob value that changed nothing: listed in report.json only
             continue
         seen.add(point)
-        print(f"{m['name']:<14}{m['param']:>8.3g}{m['accuracy']:>10.3f}{m['agreement']:>11.3f}{m['avg_layers']:>8.2f}"
-              f"{m['speedup']:>8.2f}x")
+        print(f"{name:<14}{m.get('reward', ''):>8}{m.get('alpha', ''):>7}{m['param']:>7.3g}{m['accuracy']:>10.3f}"
+              f"{m['agreement']:>11.3f}{m['avg_layers']:>8.2f}{m['speedup']:>8.2f}x")
+    print("(cee-stage2 rows: the front of each reward's grid of stage-2 policies on the stage-1 model)")
     e = r["exit_by_memorized_layer"]
     print(f"mean exit layer by memorized layer ({e['target']}; threshold {e['threshold']}): " +
           ", ".join(f"m={l}: {v:.2f} (n={e['count'][l]})" for l, v in e["mean_exit"].items()) +
@@ -482,22 +660,61 @@ def print_table(r):
     print("best speed-up at no accuracy loss / within 1 point / agreeing with full depth >= 90%: " + ", ".join(
         f"{k} {v['no_loss'] or 0:.2f}x / {v['within_1_point'] or 0:.2f}x / {v['agreement_0.9'] or 0:.2f}x"
         for k, v in r["best_speedup"].items()))
+    for row in r["versus_baselines"]:
+        a, b = row["consistentee"], row["baseline"]
+        text = " vs ".join("none" if m is None else f"{m['name']} {m['param']:.3g}: {m['accuracy']:.3f} at "
+                           f"{m['speedup']:.2f}x" for m in (a, b))
+        if "difference" in row:
+            text += f"; difference {row['difference']:+.3f} [{row['interval'][0]:+.3f}, {row['interval'][1]:+.3f}]"
+        print(f"{row['what']}: {text}")
+    if "stage3_vs_control" in r:
+        c = r["stage3_vs_control"]
+        for name in ("stage3", "control"):
+            op = c[name]["operating"]
+            print(f"{name}: full depth {c[name]['full']:.3f}, heads " + " ".join(f"{a:.3f}" for a in c[name]["heads"])
+                  + f"; policy {op['accuracy']:.3f} at {op['speedup']:.2f}x")
+        print("stage 3 minus control: " + ", ".join(
+            f"{w} {c[w + '_difference']['difference']:+.3f} [{c[w + '_difference']['interval'][0]:+.3f}, "
+            f"{c[w + '_difference']['interval'][1]:+.3f}]" for w in ("full", "operating")))
     print("seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in r["seconds"].items()))
 
 
 def plot(r, path):
+    """Left: accuracy against layer speed-up for every rule, ConsistentEE's fronts as curves. Right: where
+    the test inputs of each memorized layer exit at the operating point."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(6, 4))
-    curves = r["methods"] + [{**m, "name": "consistentee (stage 2)"} for m in r["stage2_policy"]]
-    for name in dict.fromkeys(m["name"] for m in curves):
-        pts = sorted((m["speedup"], m["accuracy"]) for m in curves if m["name"] == name)
-        ax.plot(*zip(*pts), marker="o", ms=3, label=name)
-    ax.axhline(r["full"]["accuracy"], color="gray", ls="--", lw=0.8, label="full depth")
+    fig, (ax, hx) = plt.subplots(1, 2, figsize=(11, 4), gridspec_kw={"width_ratios": [3, 2]})
+    grid = [m for m in r["methods"] if m.get("stage") == 2]
+    ax.scatter([m["speedup"] for m in grid], [m["accuracy"] for m in grid], s=4, color="lightgray",
+               label="consistentee policies, every alpha")
+    curves = {f"consistentee front, reward {rew} (stage 2)": cee.front([m for m in grid if m["reward"] == rew])
+              for rew in cee.REWARDS}
+    curves["consistentee after stage 3"] = [m for m in r["methods"] if m.get("stage") == 3]
+    for name in ("static", "entropy", "patience", "maxprob"):
+        curves[name] = [m for m in r["methods"] if m["name"] == name]
+    for name, pts in curves.items():
+        xy = sorted((m["speedup"], m["accuracy"]) for m in pts)
+        ax.plot(*zip(*xy), marker="o", ms=3, lw=2 if "consistentee" in name else 1, label=name)
+    full = r["full"]["accuracy"]
+    ax.axhline(full, color="gray", ls="--", lw=0.8, label="full depth")
+    near = [m["speedup"] for m in r["methods"] if m["accuracy"] >= full - 0.08]  # where the curves differ
+    ax.set_xlim(0.95, max(near) * 1.05)
+    ax.set_ylim(full - 0.08, full + 0.01)
     ax.set_xlabel("layer speed-up (L / mean exit layer)")
-    ax.set_ylabel("test accuracy")
-    ax.legend(fontsize=8)
+    ax.set_ylabel("test accuracy (within 8 points of full depth)")
+    ax.legend(fontsize=7, loc="lower left")
+    e = r["exit_by_memorized_layer"]
+    L, bottom = r["full"]["layers"], [0.0] * len(e["histogram"])
+    for t in range(L):  # stacked bars: the share of each memorized layer's inputs that exit at layer t + 1
+        share = [h[t] / max(sum(h), 1) for h in e["histogram"].values()]
+        hx.bar([str(m) for m in e["histogram"]], share, bottom=bottom, label=f"exit {t + 1}",
+               color=plt.cm.viridis(t / max(L - 1, 1)))
+        bottom = [b + s for b, s in zip(bottom, share)]
+    hx.set_xlabel(f"memorized layer (test inputs; rank correlation {e['rank_correlation']:.2f})")
+    hx.set_ylabel(f"share exiting at each layer (threshold {e['threshold']})")
+    hx.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1, 1))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
@@ -547,24 +764,26 @@ def main(argv):
     except (OSError, ValueError, RuntimeError, KeyError) as e:
         raise SystemExit(f"train.py: {e}") from None
     log(f"task {cfg.task}: " + ", ".join(f"{k} {len(task[k])}" for k in ("train", "validation", "test")))
-    seconds, resume, train_pass = {}, None, None
+    seconds, resume, train_pass, alpha = {}, None, None, None
     if cfg.resume:  # the run must be the one that wrote resume.pt, but for where it writes and logs
         free = ("out_dir", "resume", "stage", "device", "log_interval", "ckpt_interval")
         same = [f.name for f in fields(TrainConfig) if f.name not in free]
         model, memorized, resume = load("resume.pt", cfg, same)
-        first = resume["stage"]
+        first, alpha = resume["stage"], resume.get("alpha")
     elif cfg.stage == 2:
         model, _, _ = load("stage1.pt", cfg)
         memorized, first = None, 2  # computed again below: they depend on --policy_target
     elif cfg.stage == 3:
-        model, memorized, _ = load("stage2.pt", cfg, SAME_DATA_AND_MODEL + ("policy_target",))
-        first = 3
+        model, memorized, ckpt = load("stage2.pt", cfg, SAME_DATA_AND_MODEL + ("policy_target", "reward", "alphas"))
+        first, alpha = 3, ckpt.get("alpha")
     else:
         try:
             model = new_model(cfg, task).to(cfg.device)
         except (OSError, ValueError, KeyError) as e:
             raise SystemExit(f"train.py: {e}") from None
         memorized, first = None, 1
+    if first == 3 and alpha is None:
+        raise SystemExit("train.py: that checkpoint predates the alpha grid; rerun from --stage=2")
     if cfg.task == "lm":  # every layer's logits of the stage-2 windows are kept; a batch (with gradients) has them too
         c = model.config
         windows = max(cfg.lm_rl_windows, 2 * cfg.lm_test_windows, 3 * cfg.batch_size)
@@ -577,15 +796,24 @@ def main(argv):
     if first == 2 and memorized is None:
         train_pass, memorized = hardness(model, task, cfg)
     for stage in range(first, 4):
-        seconds[f"stage{stage}"] = run_stage(model, stage, task, memorized, cfg, train_pass,
-                                             resume if stage == first else None)
+        t0, extra = time.time(), {}
+        if stage == 2:  # one set of policies per reward and alpha, on the states computed once
+            if train_pass is None:  # a resume.pt of stage 2, written before stage 2 became a grid
+                train_pass = gathered_layers(model, task["train_rl"], cfg)
+            alpha, extra["grid"] = policy_grid(model, task, memorized, train_pass, cfg)
+        else:
+            run_stage(model, stage, task, memorized, cfg, alpha, train_pass, resume if stage == first else None)
+        seconds[f"stage{stage}"] = time.time() - t0
         if stage == 1:
             train_pass, memorized = hardness(model, task, cfg)
-        save(model, stage, memorized, cfg)
+        save(model, stage, memorized, cfg, alpha or 0.0, **extra)
         if WORLD > 1:
             check_replicas(model, stage)
+    if cfg.control:
+        policies = load("stage2.pt", cfg)[0].policies.state_dict()
+        seconds["control"] = control(task, memorized, alpha, policies, cfg)
     if MASTER:
-        evaluate_and_report(task["test"], cfg, seconds)
+        evaluate_and_report(task, cfg, seconds)
     if WORLD > 1:
         dist.destroy_process_group()
 

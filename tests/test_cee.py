@@ -76,6 +76,62 @@ def test_best_speedups_in_both_regimes():
                                             "y": {"no_loss": None, "within_1_point": None, "agreement_0.9": None}}
 
 
+def test_exit_gain_worked_example():
+    """The docstring's case: the target's probability 0.6 at head 1 and 0.9 at head 2, both right."""
+    logits = torch.log(torch.tensor([[[0.4, 0.6], [0.1, 0.9]]]))  # (1, 2, 2)
+    target = torch.tensor([1])
+    torch.testing.assert_close(cee.exit_gain(logits, target, "ce"), torch.log(torch.tensor([[0.6, 0.9]])))
+    assert cee.exit_gain(logits, target, "correct").tolist() == [[1.0, 1.0]]
+    assert cee.exit_gain(logits, torch.tensor([0]), "correct").tolist() == [[0.0, 0.0]]
+
+
+def test_correct_reward_exits_at_the_first_right_layer_and_ce_goes_deeper():
+    """Knowing the target: 0/1 pays only for being right, so the best exit is the first right head; -CE
+    keeps paying as the heads grow surer, so at a small alpha the best exit is deeper."""
+    probs = torch.tensor([[[0.3, 0.7], [0.1, 0.9], [0.01, 0.99]]])  # (1, 3, 2) right everywhere, surer deeper
+    logits, target, memorized = torch.log(probs), torch.tensor([1]), torch.tensor([1])
+    assert cee.best_exits(logits, target, memorized, 0.05, "correct").tolist() == [1]
+    assert cee.best_exits(logits, target, memorized, 0.05, "ce").tolist() == [3]
+
+
+def pt(speedup, accuracy, **kw):
+    return {"speedup": speedup, "accuracy": accuracy, **kw}
+
+
+def test_front_keeps_the_upper_left_envelope():
+    points = [pt(1, 0.9), pt(2, 0.8), pt(2, 0.7), pt(3, 0.85), pt(3, 0.6)]
+    assert [(m["speedup"], m["accuracy"]) for m in cee.front(points)] == [(3, 0.85), (1, 0.9)]
+    assert cee.front([]) == []
+
+
+def test_pick_is_the_fastest_within_a_point_else_the_most_accurate():
+    points = [pt(1.0, 0.866, a=1), pt(1.5, 0.860, a=2), pt(1.8, 0.856, a=3), pt(2.0, 0.850, a=4)]
+    assert cee.pick(points, 0.866)["a"] == 3  # 0.856 >= 0.866 - 0.01
+    assert cee.pick(points, 0.9)["a"] == 1  # none within 1 point: the most accurate
+
+
+def test_matched_is_the_most_accurate_at_least_as_fast():
+    others = [pt(1.2, 0.87), pt(1.6, 0.86), pt(1.9, 0.85), pt(2.5, 0.80)]
+    assert cee.matched(pt(1.5, 0.0), others) == pt(1.6, 0.86)
+    assert cee.matched(pt(1.6, 0.0), others) == pt(1.6, 0.86)  # equally fast counts
+    assert cee.matched(pt(3.0, 0.0), others) is None
+
+
+def test_paired_bootstrap():
+    """The difference is exact; its interval covers it, shrinks with more inputs, and is 0 wide when
+    both answer alike."""
+    a = torch.tensor([True] * 60 + [False] * 40)
+    b = torch.tensor([True] * 50 + [False] * 50)
+    d, lo, hi = cee.paired_bootstrap(a, b)
+    assert d == pytest.approx(0.1) and 0 < lo < 0.1 < hi < 0.2  # a is right on 10 more inputs, never worse
+    d, lo, hi = cee.paired_bootstrap(a.repeat(10), b.repeat(10))
+    assert hi - lo < 0.06
+    assert cee.paired_bootstrap(a, a) == (0.0, 0.0, 0.0)
+    flip = torch.arange(100) % 2 == 0  # a and b each right on half, never on the same inputs
+    d, lo, hi = cee.paired_bootstrap(flip, ~flip)
+    assert d == 0 and lo < -0.1 and hi > 0.1  # the same accuracy, but much noise
+
+
 @pytest.fixture(scope="module", params=[False, True], ids=["policy_reads_state", "policy_reads_confidence"])
 def encoder(request):
     torch.manual_seed(0)

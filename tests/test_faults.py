@@ -87,12 +87,15 @@ def test_same_seed_same_report(tmp_path):
     assert reports[0] == reports[1]
 
 
-@pytest.mark.parametrize("kill_at,stage", [(2, 1), (5, 2), (8, 3)])  # 3 optimiser steps per stage
-def test_resume_after_a_kill_ends_with_the_same_weights(tmp_path, monkeypatch, kill_at, stage):
+# 3 optimiser steps per stage: stage 1 takes steps 1-3; stage 2, 2 rewards x 2 alphas, 4-15 (not
+# written to resume.pt: it is run again); stage 3, 16-18; the control, 19-24 (also run again)
+@pytest.mark.parametrize("kill_at,stage,missing", [(2, 1, "stage1.pt"), (5, 1, "stage2.pt"), (17, 3, "stage3.pt"),
+                                                   (20, 3, "control.pt")])
+def test_resume_after_a_kill_ends_with_the_same_weights(tmp_path, monkeypatch, kill_at, stage, missing):
     """Kill a run at an optimiser step, resume it: the same final weights, bit for bit."""
     monkeypatch.chdir(tmp_path)
     write_task(tmp_path)
-    args = ["--task=task.csv", "--max_steps=3", "--ckpt_interval=1"]
+    args = ["--task=task.csv", "--max_steps=3", "--ckpt_interval=1", "--alphas=0.05,0.2"]
     train.main(args + ["--out_dir=whole"])
     steps, real_step = 0, torch.optim.AdamW.step
 
@@ -107,13 +110,14 @@ def test_resume_after_a_kill_ends_with_the_same_weights(tmp_path, monkeypatch, k
         train.main(args + ["--out_dir=killed"])
     monkeypatch.setattr(torch.optim.AdamW, "step", real_step)
     assert torch.load("killed/resume.pt", weights_only=True)["stage"] == stage
-    assert not os.path.exists(f"killed/stage{stage}.pt")
+    assert not os.path.exists(f"killed/{missing}")
     train.main(args + ["--out_dir=killed", "--resume=true"])
-    want = torch.load("whole/stage3.pt", weights_only=True)["model"]
-    got = torch.load("killed/stage3.pt", weights_only=True)["model"]
-    assert all(torch.equal(want[k], got[k]) for k in want)
-    with pytest.raises(SystemExit, match="was trained with --alpha=0.1, not 0.5"):
-        train.main(args + ["--out_dir=killed", "--resume=true", "--alpha=0.5"])
+    for name in ("stage3.pt", "control.pt"):
+        want = torch.load(f"whole/{name}", weights_only=True)["model"]
+        got = torch.load(f"killed/{name}", weights_only=True)["model"]
+        assert all(torch.equal(want[k], got[k]) for k in want)
+    with pytest.raises(SystemExit, match="was trained with --reward=correct, not ce"):
+        train.main(args + ["--out_dir=killed", "--resume=true", "--reward=ce"])
 
 
 def test_two_processes_train_identical_replicas(tmp_path):

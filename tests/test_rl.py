@@ -153,20 +153,22 @@ def test_expected_reward_loss_hand_case():
 # ---------------------------------------------------------------- rewards
 
 def test_hardness_reward_worked_example():
-    r = hardness_reward(torch.tensor(0.2), torch.tensor(3), torch.tensor(2), 6, 0.1)
+    r = hardness_reward(torch.tensor(-0.2), torch.tensor(3), torch.tensor(2), 6, 0.1)
     torch.testing.assert_close(r, torch.tensor(-0.4))
 
 
 @pytest.mark.parametrize("exit_layer", [1, 3, 6])
 def test_hardness_reward_hard_input_pays_no_depth_penalty(exit_layer):
-    ce = torch.tensor([0.3, 1.7])
-    r = hardness_reward(ce, torch.tensor(exit_layer), torch.tensor([6, 6]), 6, 0.5)
-    torch.testing.assert_close(r, -ce)
+    gain = torch.tensor([-0.3, 1.0])
+    r = hardness_reward(gain, torch.tensor(exit_layer), torch.tensor([6, 6]), 6, 0.5)
+    torch.testing.assert_close(r, gain)
 
 
 def test_reward_table_hand_case():
-    r = reward_table(torch.tensor([[0.4, 0.1]]), torch.tensor([1]), 0.5)
+    r = reward_table(torch.tensor([[-0.4, -0.1]]), torch.tensor([1]), 0.5)
     torch.testing.assert_close(r, torch.tensor([[-0.65, -0.6]]))
+    r = reward_table(torch.tensor([[1.0, 1.0]]), torch.tensor([1]), 0.5)
+    torch.testing.assert_close(r, torch.tensor([[0.75, 0.5]]))
 
 
 def test_reward_table_matches_hardness_reward():

@@ -23,12 +23,12 @@ def synthetic(halves, guess):
     return model, s, torch.nn.functional.one_hot(guess, 2).float() * 3  # equally confident, right or wrong
 
 
-def trained_exits(model, s, logits, labels, memorized, cfg):
+def trained_exits(model, s, logits, labels, memorized, cfg, alpha=0.5):
     """Stage 2 on the synthetic task for 150 steps; then every input's exit layer at threshold 0.5."""
     opt = torch.optim.Adam(model.policies.parameters(), lr=1e-2)
     for step in range(150):
         i = torch.randint(0, N, (32,))
-        loss, _ = cee.stage_loss(model, 2, s[i], logits[i], labels[i], memorized[i], cfg)
+        loss, _ = cee.stage_loss(model, 2, s[i], logits[i], labels[i], memorized[i], alpha, cfg)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -37,7 +37,8 @@ def trained_exits(model, s, logits, labels, memorized, cfg):
 
 
 @pytest.mark.parametrize("estimator", ["reinforce", "exact"])
-def test_policy_exits_easy_inputs_earlier_than_hard(estimator):
+@pytest.mark.parametrize("reward", ["correct", "ce"])
+def test_policy_exits_easy_inputs_earlier_than_hard(estimator, reward):
     """Synthetic task of known hardness: easy inputs are decided by every head, hard ones only by the last."""
     torch.manual_seed(0)
     labels = torch.randint(0, 2, (N,))
@@ -47,7 +48,7 @@ def test_policy_exits_easy_inputs_earlier_than_hard(estimator):
     model, s, logits = synthetic(easy, guess)
     memorized = cee.memorized_layer(guess, labels)
     assert memorized[easy].eq(1).all() and memorized[~easy].eq(L).all()
-    exits = trained_exits(model, s, logits, labels, memorized, train.TrainConfig(alpha=0.5, estimator=estimator))
+    exits = trained_exits(model, s, logits, labels, memorized, train.TrainConfig(estimator=estimator, reward=reward))
     assert exits[easy].float().mean() < 1.2 and exits[~easy].float().mean() > L - 0.2
     with torch.no_grad():
         p = cee.policy_probs(model, s, logits)
@@ -55,7 +56,8 @@ def test_policy_exits_easy_inputs_earlier_than_hard(estimator):
 
 
 @pytest.mark.parametrize("target", ["label", "full"])
-def test_policy_target_label_learns_to_be_right_full_to_agree(target):
+@pytest.mark.parametrize("reward", ["correct", "ce"])
+def test_policy_target_label_learns_to_be_right_full_to_agree(target, reward):
     """On half the inputs every head is right; on the other half heads 1..L-1 are right and the last one is
     wrong. Scored against the label, the policy exits both halves at layer 1 (right is what pays); scored
     against the full depth's prediction, it runs the second half to layer L (agreeing with it is what pays)."""
@@ -65,7 +67,7 @@ def test_policy_target_label_learns_to_be_right_full_to_agree(target):
     guess = labels[:, None].repeat(1, L)
     guess[~last_right, -1] = 1 - labels[~last_right]
     model, s, logits = synthetic(last_right, guess)
-    cfg = train.TrainConfig(alpha=0.5, estimator="exact", policy_target=target)
+    cfg = train.TrainConfig(estimator="exact", policy_target=target, reward=reward)
     memorized = train.memorized_of(logits, labels, cfg)
     assert memorized[last_right].eq(1).all() and memorized[~last_right].eq(L).all()  # hard, either way
     exits = trained_exits(model, s, logits, labels, memorized, cfg)
@@ -93,7 +95,7 @@ def test_stage3_loss_is_taken_at_the_sampled_exits():
     with torch.no_grad():
         for pol in model.policies:  # exit at layer 1 always
             pol.net[-1].bias.fill_(30.0)
-    loss, logs = cee.stage_loss(model, 3, s, logits, labels, memorized, train.TrainConfig(K=4))
+    loss, logs = cee.stage_loss(model, 3, s, logits, labels, memorized, 0.1, train.TrainConfig(K=4))
     loss.backward()
     assert logs["exit/mean"] == pytest.approx(1.0)
     assert logits.grad[:, 1:].abs().sum() == 0 and logits.grad[:, 0].abs().sum() > 0  # CE only where they exit
@@ -102,11 +104,14 @@ def test_stage3_loss_is_taken_at_the_sampled_exits():
 
 
 @pytest.mark.parametrize("argv,msg", [
-    (["--nope=1"], "unknown option '--nope=1'"), (["--alpha=abc"], "--alpha expects float, got 'abc'"),
-    (["--alpha=-1"], "--alpha must be >= 0"), (["--K=0"], "--K must be >= 1"),
+    (["--nope=1"], "unknown option '--nope=1'"), (["--alphas=abc"], "--alphas must be numbers >= 0"),
+    (["--alphas=0.1,-1"], "--alphas must be numbers >= 0"), (["--alphas="], "--alphas must be numbers"),
+    (["--alphas=nan"], "--alphas must be numbers"), (["--reward=mse"], "--reward must be correct or ce"),
+    (["--K=abc"], "--K expects int, got 'abc'"), (["--K=0"], "--K must be >= 1"),
     (["--estimator=ppo"], "--estimator must be"), (["--policy_conf=maybe"], "--policy_conf expects bool"),
     (["--policy_target=gold"], "--policy_target must be label or full"),
-    (["alpha=1"], "unknown option"), (["--epochs2=0"], "--epochs1/2/3 must be > 0"),
+    (["alphas=1"], "unknown option"), (["--alpha=0.1"], "unknown option"),
+    (["--epochs2=0"], "--epochs1/2/3 must be > 0"),
     (["--log_interval=0"], "--log_interval >= 1"), (["--lr1=-1e-5"], "--lr1/2/3 must be > 0"),
     (["--task=lm", "--lm_heads=0"], "--lm_heads and --lm_width must be >= 1"),
     (["--task=lm", "--lm_width=100", "--lm_heads=3"], "--lm_width must be a multiple of --lm_heads"),
@@ -124,8 +129,27 @@ def test_unavailable_device_is_one_line():
 
 
 def test_options_are_typed():
-    cfg = train.parse_args(["--alpha=0.05", "--K=4", "--policy_conf=true", "--task=x.csv"])
-    assert (cfg.alpha, cfg.K, cfg.policy_conf, cfg.task) == (0.05, 4, True, "x.csv")
+    cfg = train.parse_args(["--alphas=0.05,0.1", "--K=4", "--policy_conf=true", "--task=x.csv", "--reward=ce"])
+    assert (cfg.alphas, cfg.K, cfg.policy_conf, cfg.task, cfg.reward) == ("0.05,0.1", 4, True, "x.csv", "ce")
+    assert train.alpha_grid(cfg) == [0.05, 0.1]
+
+
+def test_versus_baselines_pairs_points_at_matched_speed():
+    """The operating point and the best point within 1 point each meet the most accurate baseline at least
+    as fast; a baseline above ConsistentEE's front is listed against the front's point at least as fast."""
+    def point(name, speedup, right):
+        return {"name": name, "param": 0.5, "speedup": speedup, "accuracy": sum(right) / len(right)}
+    ours = [point("consistentee", 1.5, [1, 1, 1, 0]), point("consistentee", 2.0, [1, 1, 0, 0])]
+    theirs = [point("maxprob", 1.6, [1, 1, 0, 0]), point("static", 1.2, [1, 1, 1, 1])]
+    answers = {id(m): torch.tensor(r, dtype=torch.bool) for m, r in zip(ours + theirs, [[1, 1, 1, 0], [1, 1, 0, 0],
+                                                                                        [1, 1, 0, 0], [1, 1, 1, 1]])}
+    rows = train.versus_baselines(ours + theirs, answers, ours[0], full=0.76)
+    assert [r["what"] for r in rows] == ["operating point", "best within 1 point", "baseline above the front"]
+    assert rows[0]["baseline"]["name"] == "maxprob" and rows[0]["difference"] == pytest.approx(0.25)
+    assert rows[1]["consistentee"]["speedup"] == 1.5  # 0.75 is within 1 point of 0.76; 0.5 is not
+    assert rows[2]["baseline"]["name"] == "static" and rows[2]["consistentee"]["speedup"] == 1.5
+    assert rows[2]["difference"] == pytest.approx(-0.25)
+    assert rows[2]["interval"][0] <= -0.25 <= rows[2]["interval"][1]
 
 
 def run(args, cwd):
@@ -156,14 +180,29 @@ def test_smoke_run_writes_report_and_reruns_a_stage(tmp_path):
     assert static[6]["accuracy"] == pytest.approx(report["full"]["accuracy"])
     assert static[1]["speedup"] == 6
     assert (out / "tradeoff.png").stat().st_size > 0
-    assert "rank correlation" in r.stdout and "consistentee" in r.stdout
+    assert "rank correlation" in r.stdout and "cee-stage3" in r.stdout
     assert "stage 1 step 2/2 loss/cls" in r.stderr
+    ours = [m for m in report["methods"] if m["name"] == "consistentee"]
+    alphas = [float(a) for a in train.TrainConfig().alphas.split(",")]
+    assert {(m["reward"], m["alpha"]) for m in ours if m["stage"] == 2} == {(r, a) for r in cee.REWARDS for a in alphas}
+    assert {m["alpha"] for m in ours if m["stage"] == 3} == {report["picked"]["alpha"]} <= set(alphas)
+    assert report["versus_baselines"][0]["what"] == "operating point"
+    for row in report["versus_baselines"]:
+        if "interval" in row:
+            assert row["interval"][0] <= row["difference"] <= row["interval"][1]
+    control = report["stage3_vs_control"]
+    assert len(control["stage3"]["heads"]) == len(control["control"]["heads"]) == 6
+    assert control["stage3"]["full"] == pytest.approx(report["final_full_depth_accuracy"])
+    e = report["exit_by_memorized_layer"]
+    assert sum(sum(h) for h in e["histogram"].values()) == sum(e["count"].values())
     r = run(["--task=task.csv", "--max_steps=1", "--stage=3", f"--out_dir={out}"], tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "stage 1 step" not in r.stderr and "stage 3 step 1/1" in r.stderr
     r = run(["--task=task.csv", "--stage=3", "--seed=7", f"--out_dir={out}"], tmp_path)
     assert r.returncode == 1 and "was trained with --seed=1337, not 7" in r.stderr
     assert "Traceback" not in r.stderr
+    r = run(["--task=task.csv", "--stage=3", "--reward=ce", f"--out_dir={out}"], tmp_path)
+    assert r.returncode == 1 and "was trained with --reward=correct, not ce" in r.stderr
 
 
 def test_missing_checkpoint_is_one_line(tmp_path):
@@ -176,7 +215,7 @@ def test_missing_checkpoint_is_one_line(tmp_path):
 def test_lm_takes_its_own_defaults_unless_given():
     cfg = train.parse_args(["--task=lm", "--batch_size=4"])
     assert (cfg.init, cfg.lr1, cfg.batch_size, cfg.policy_conf) == ("scratch", 3e-3, 4, False)
-    assert (cfg.policy_target, cfg.alpha) == ("full", 0.05)
+    assert (cfg.policy_target, cfg.alphas, cfg.control) == ("full", "0.02,0.05,0.1,0.2", False)
     assert train.parse_args(["--task=lm", "--init=some/gpt2"]).lr1 == 5e-5  # fine-tuning, not from scratch
     assert train.parse_args([]).lr1 == train.TrainConfig().lr1  # classification keeps its own
     with pytest.raises(SystemExit, match="--lm_rl_windows must lie in"):
@@ -214,7 +253,7 @@ def test_lm_smoke_run_then_generate(tmp_path):
     small = ["--lm_layers=3", "--lm_width=32", "--lm_heads=2"]
     r = run(lm_args(out) + small + ["--stage=2", "--policy_target=label"], tmp_path)  # memorized layers again
     assert r.returncode == 0, r.stderr[-2000:]
-    assert "memorized layer of the training inputs" in r.stdout and "stage 2 step 2/2" in r.stderr
+    assert "memorized layer of the training inputs" in r.stdout and "stage 2 correct alpha 0.02 step 2/2" in r.stderr
     assert json.loads((out / "report.json").read_text())["exit_by_memorized_layer"]["target"] == "label"
     r = run(lm_args(out) + small + ["--stage=3"], tmp_path)
     assert r.returncode == 1 and "was trained with --policy_target=label, not full" in r.stderr
