@@ -262,11 +262,11 @@ def main(argv):
     opt = torch.optim.AdamW(model.parameters(), lr=1e-6)
     batch = next(data.batches(test, 32, shuffle=True, device=device))
     memorized = torch.full((32,), L // 2, device=device)
-    cfg = train.TrainConfig(K=8)
+    cfg, alpha = train.TrainConfig(K=8), 0.02  # a step costs the same whatever alpha
 
     def step(stage):
         logits, s = model(batch["input_ids"], batch["attention_mask"])
-        loss, _ = cee.stage_loss(model, stage, s, logits, batch["labels"], memorized, cfg)
+        loss, _ = cee.stage_loss(model, stage, s, logits, batch["labels"], memorized, alpha, cfg)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
