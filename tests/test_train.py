@@ -144,7 +144,8 @@ def test_versus_baselines_pairs_points_at_matched_speed():
     answers = {id(m): torch.tensor(r, dtype=torch.bool) for m, r in zip(ours + theirs, [[1, 1, 1, 0], [1, 1, 0, 0],
                                                                                         [1, 1, 0, 0], [1, 1, 1, 1]])}
     rows = train.versus_baselines(ours + theirs, answers, ours[0], full=0.76)
-    assert [r["what"] for r in rows] == ["operating point", "best within 1 point", "baseline above the front"]
+    what = ["operating point", "best within 1 point, chosen on test", "baseline above the front"]
+    assert [r["what"] for r in rows] == what
     assert rows[0]["baseline"]["name"] == "maxprob" and rows[0]["difference"] == pytest.approx(0.25)
     assert rows[1]["consistentee"]["speedup"] == 1.5  # 0.75 is within 1 point of 0.76; 0.5 is not
     assert rows[2]["baseline"]["name"] == "static" and rows[2]["consistentee"]["speedup"] == 1.5
@@ -215,7 +216,7 @@ def test_missing_checkpoint_is_one_line(tmp_path):
 def test_lm_takes_its_own_defaults_unless_given():
     cfg = train.parse_args(["--task=lm", "--batch_size=4"])
     assert (cfg.init, cfg.lr1, cfg.batch_size, cfg.policy_conf) == ("scratch", 3e-3, 4, False)
-    assert (cfg.policy_target, cfg.alphas, cfg.control) == ("full", "0.02,0.05,0.1,0.2", False)
+    assert (cfg.policy_target, cfg.reward, cfg.control) == ("full", "ce", False)
     assert train.parse_args(["--task=lm", "--init=some/gpt2"]).lr1 == 5e-5  # fine-tuning, not from scratch
     assert train.parse_args([]).lr1 == train.TrainConfig().lr1  # classification keeps its own
     with pytest.raises(SystemExit, match="--lm_rl_windows must lie in"):
