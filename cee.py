@@ -66,7 +66,7 @@ REWARDS = ("correct", "ce")
 def exit_gain(logits, target, reward):
     """
     The reward's accuracy term for exiting at each layer: logits (B, L, n), target (B,) -> (B, L).
-    "ce" (the paper's): -CE of the head, which keeps paying for depth after the head is already right;
+    "ce" (the paper's): -CE of the head, which keeps paying for depth after the head is right;
     "correct": 1 if the head's argmax is the target, else 0, which pays only for being right.
     Example: the target's probability 0.6 at head 1 and 0.9 at head 2 of two classes (both right)
     -> ce [[-0.51, -0.11]], correct [[1, 1]]
@@ -80,7 +80,8 @@ def stage_loss(model, stage, s, logits, labels, memorized, alpha, cfg):
     """
     The loss of one batch in training stage 1, 2 or 3 (one function, so the stages cannot drift apart).
     s (B, L, C) exit states, logits (B, L, n) every head's output, labels (B,), memorized (B,) the
-    inputs' memorized layers, alpha the depth penalty; cfg gives K, estimator, reward and policy_target.
+    inputs' memorized layers, alpha the depth penalty; cfg gives K, estimator, reward and
+    policy_target.
     Returns (loss, {name: value} to log).
     """
     if stage == 1:
@@ -113,14 +114,14 @@ def stage_loss(model, stage, s, logits, labels, memorized, alpha, cfg):
 
 
 def reward_target(logits, labels, cfg):
-    """What the reward and the memorized layer measure the heads against: the labels, or the last head's
-    argmax."""
+    """What the reward and the memorized layer measure the heads against: the labels, or the last
+    head's argmax."""
     return labels if cfg.policy_target == "label" else logits[:, -1].detach().argmax(-1)
 
 
 def best_exits(logits, target, memorized, alpha, reward):
-    """The exit layer (B,) with the highest hardness reward: what a policy that knew the target would
-    pick."""
+    """The exit layer (B,) with the highest hardness reward: what a policy that knew the target
+    would pick."""
     return rl.reward_table(exit_gain(logits, target, reward), memorized, alpha).argmax(1) + 1
 
 
@@ -293,9 +294,10 @@ def best_speedups(methods, full_accuracy):
 
 def front(points):
     """
-    The points no other point beats on both speed-up and accuracy (the upper-left envelope of a trade-off
-    plot), fastest first. Example, as (speedup, accuracy): (1, .9), (2, .8), (2, .7), (3, .85)
-    -> (3, .85), (1, .9): (2, .8) and (2, .7) are slower than (3, .85) and less accurate.
+    The points no other point beats on both speed-up and accuracy (the upper-left envelope of a
+    trade-off plot), fastest first.
+    Example, as (speedup, accuracy): (1, .9), (2, .8), (2, .7), (3, .85) -> (3, .85), (1, .9):
+    (2, .8) and (2, .7) are slower than (3, .85) and less accurate.
     """
     out = []
     for m in sorted(points, key=lambda m: (-m["speedup"], -m["accuracy"])):
@@ -305,7 +307,8 @@ def front(points):
 
 
 def pick(points, full_accuracy, tol=0.01):
-    """The fastest point within tol of full depth's accuracy; if there is none, the most accurate."""
+    """The fastest point within tol of full depth's accuracy; if there is none, the most
+    accurate."""
     close = [m for m in points if m["accuracy"] >= full_accuracy - tol]
     if close:
         return max(close, key=lambda m: (m["speedup"], m["accuracy"]))
@@ -320,8 +323,8 @@ def matched(point, others):
 
 def paired_bootstrap(a, b, n=2000, seed=0):
     """
-    Accuracy of a minus accuracy of b on the same inputs, and its 95% interval over n resamplings of the
-    inputs (both methods see the same resampled inputs, so what they share cancels).
+    Accuracy of a minus accuracy of b on the same inputs, and its 95% interval over n resamplings of
+    the inputs (both methods see the same resampled inputs, so what they share cancels).
     a, b (N,) bool, each input answered right -> (difference, low, high).
     """
     g = torch.Generator().manual_seed(seed)

@@ -86,19 +86,21 @@ def expected_reward_loss(p, reward):
 
 def hardness_reward(gain, exit_layer, memorized, n_layer, alpha):
     """
-    R = gain - alpha * t * (1 - m / L): an input that exits at layer t earns its head's gain (the paper's
-    -CE, or 1 if the head is right and 0 if not) minus a depth penalty that is full for easy inputs (small
-    memorized layer m) and zero for hard ones (m = L). Each layer deeper costs alpha * (1 - m / L), so
-    the whole penalty grows with the depth L: a deeper backbone asks for a smaller alpha.
-    Elementwise, broadcasting; exit_layer and memorized are 1-based layer numbers.
-    Example: gain=-0.2 (CE 0.2), t=3, m=2, L=6, alpha=0.1 -> -0.2 - 0.1*3*(1 - 2/6) = -0.2 - 0.2 = -0.4
+    R = gain - alpha * t * (1 - m / L): an input that exits at layer t earns its head's gain (the
+    paper's -CE, or 1 if the head is right and 0 if not) minus a depth penalty that is full for easy
+    inputs (small memorized layer m) and zero for hard ones (m = L). Each layer deeper costs
+    alpha * (1 - m / L), so the whole penalty grows with the depth L: a deeper backbone asks for a
+    smaller alpha. Elementwise, broadcasting; exit_layer and memorized are 1-based layer numbers.
+    Example: gain=-0.2 (CE 0.2), t=3, m=2, L=6, alpha=0.1
+             -> -0.2 - 0.1*3*(1 - 2/6) = -0.2 - 0.2 = -0.4
     """
     return gain - alpha * exit_layer * (1 - memorized / n_layer)
 
 
 def reward_table(gain_per_layer, memorized, alpha):
     """
-    The hardness reward of exiting at every layer: gain_per_layer (B, L), memorized (B,) -> reward (B, L).
+    The hardness reward of exiting at every layer:
+    gain_per_layer (B, L), memorized (B,) -> reward (B, L).
     Index it with sampled exits via torch.gather(reward.T, 0, exits - 1) -> (k, B).
     Example: gain = [[1, 1]] (both heads right), m = [1], alpha = 0.5
              -> [[1 - 0.5*1*0.5, 1 - 0.5*2*0.5]] = [[0.75, 0.5]]: right at layer 1, so exit there
