@@ -271,10 +271,12 @@ def sweep(name, params, logits, labels, p=None):
     return points
 
 
-def grids(L, n_labels):
-    """The knob values swept for each rule (entropy in units of the uniform entropy log n)."""
+def grids(L, n_labels, threshold=0.5):
+    """The knob values swept for each rule (entropy in units of the uniform entropy log n); the
+    policy's thresholds include the run's own, so that its operating point is among them."""
     frac = [0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]
-    return {"consistentee": [0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99],
+    thresholds = {0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, threshold}
+    return {"consistentee": sorted(thresholds),
             "static": list(range(1, L + 1)), "patience": list(range(1, L)),
             "entropy": [f * math.log(n_labels) for f in frac],
             "maxprob": [1 - f * (1 - 1 / n_labels) for f in frac]}

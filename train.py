@@ -32,6 +32,7 @@ from tqdm import tqdm
 
 import cee
 import data
+import report
 from model import Config, Decoder, Encoder
 
 
@@ -166,7 +167,8 @@ def alpha_grid(cfg):
     except ValueError:
         alphas = []
     if not alphas or not all(0 <= a < math.inf for a in alphas):
-        raise SystemExit(f"train.py: --alphas must be numbers >= 0 separated by commas, got {cfg.alphas!r}")
+        raise SystemExit("train.py: --alphas must be numbers >= 0 separated by commas, "
+                         f"got {cfg.alphas!r}")
     return alphas
 
 
@@ -264,7 +266,8 @@ def run_stage(model, stage, task, memorized, cfg, alpha=0.0, train_pass=None, re
     alpha: the depth penalty of the reward (stages 2 and 3).
     train_pass: all_layers() of the training split by this model (stage 2: required).
     resume: the contents of a resume.pt written by this stage, to continue from its step.
-    resumable: write out_dir/resume.pt as it goes (stage 2's grid and the control are run again whole).
+    resumable: write out_dir/resume.pt as it goes (stage 2's grid and the control are run again
+    whole).
     name: what the progress bar and the log lines call it ("stage 1" .. "stage 3" by default).
     """
     name = name or f"stage {stage}"
@@ -347,8 +350,9 @@ def run_stage(model, stage, task, memorized, cfg, alpha=0.0, train_pass=None, re
             bar.update()
             if resumable and (step % cfg.ckpt_interval == 0 or step == total):
                 write(os.path.join(cfg.out_dir, "resume.pt"), checkpoint(
-                    model, stage, memorized, cfg, alpha, optimizer=opt.state_dict(), scheduler=sched.state_dict(),
-                    step=step, epoch=epoch, batch=j + 1, rng=rng_states(cfg), batch_rng=batch_rng))
+                    model, stage, memorized, cfg, alpha, optimizer=opt.state_dict(),
+                    scheduler=sched.state_dict(), step=step, epoch=epoch, batch=j + 1,
+                    rng=rng_states(cfg), batch_rng=batch_rng))
             if MASTER and (step % cfg.log_interval == 0 or step == total):
                 kv = " ".join(f"{k} {v:.4f}" for k, v in logs.items())
                 tqdm.write(f"{name} step {step}/{total} {kv} lr {sched.get_last_lr()[0]:.2e} "
@@ -376,61 +380,74 @@ def hardness(model, task, cfg):
 
 def policy_grid(model, task, memorized, train_pass, cfg):
     """
-    Stage 2 for every reward and every alpha of --alphas: fresh policies each time, trained on the cached
-    states of the frozen stage-1 model, then swept over the threshold on the validation split. Leaves in
-    model.policies those of cfg.reward at the alpha picked on validation: the best speed-up at
-    cfg.threshold within 1 point of full depth (never picked on the test split).
+    Stage 2 for every reward and every alpha of --alphas: fresh policies each time, trained on the
+    cached states of the frozen stage-1 model, then swept over the threshold on the validation split.
+    Leaves in model.policies those of cfg.reward at the alpha picked on validation: the best speed-up
+    at cfg.threshold within 1 point of full depth (never picked on the test split).
     Returns (the picked alpha, the grid: a list of {reward, alpha, policies, validation points}).
     """
-    init = {k: v.clone() for k, v in model.policies.state_dict().items()}
+    init = policy_weights(model)
     s_val, logits_val, y_val = gathered_layers(model, task["validation"], cfg)
     full_val = (logits_val[:, -1].argmax(-1) == y_val).float().mean().item()
     logits, labels = train_pass[1:]
     target = cee.reward_target(logits, labels, cfg)
     L = model.config.n_layer
-    thresholds = sorted({*cee.grids(L, logits.size(-1))["consistentee"], cfg.threshold})
-    grid = []
+    thresholds = cee.grids(L, logits.size(-1), cfg.threshold)["consistentee"]
+    grid, ours = [], []  # ours: the validation point at cfg.threshold of each alpha of cfg.reward
     for reward in cee.REWARDS:
         for alpha in alpha_grid(cfg):
             best = cee.best_exits(logits, target, memorized, alpha, reward)
-            log(f"reward {reward} alpha {alpha}: reward-optimal exit layer (knowing the targets) " + shares(best, L))
+            log(f"reward {reward} alpha {alpha}: reward-optimal exit layer (knowing the targets) "
+                + shares(best, L))
             model.policies.load_state_dict(init)
-            run_stage(model, 2, task, memorized, replace(cfg, reward=reward), alpha, train_pass, resumable=False,
-                      name=f"stage 2 {reward} alpha {alpha}")
+            run_stage(model, 2, task, memorized, replace(cfg, reward=reward), alpha, train_pass,
+                      resumable=False, name=f"stage 2 {reward} alpha {alpha}")
             with torch.no_grad():
-                p = cee.policy_probs(model, s_val, logits_val)
+                p = cee.policy_probs(model, s_val, logits_val)  # (B, L)
             points = cee.sweep("consistentee", thresholds, logits_val, y_val, p)
             grid.append({"reward": reward, "alpha": alpha, "validation": points,
-                         "policies": {k: v.clone() for k, v in model.policies.state_dict().items()}})
+                         "policies": policy_weights(model)})
             at = next(m for m in points if m["param"] == cfg.threshold)
-            log(f"reward {reward} alpha {alpha}: validation {at['accuracy']:.3f} at {at['avg_layers']:.2f} layers "
-                f"(threshold {cfg.threshold}; full depth {full_val:.3f})")
-    ours = [{**m, "alpha": c["alpha"]} for c in grid if c["reward"] == cfg.reward
-            for m in c["validation"] if m["param"] == cfg.threshold]
+            log(f"reward {reward} alpha {alpha}: validation {at['accuracy']:.3f} at "
+                f"{at['avg_layers']:.2f} layers (threshold {cfg.threshold}; full depth {full_val:.3f})")
+            if reward == cfg.reward:
+                ours.append({**at, "cell": len(grid) - 1})
+    for reward in cee.REWARDS:  # each reward's whole front on validation, every alpha and threshold
+        points = [m for c in grid if c["reward"] == reward for m in c["validation"]]
+        best = cee.best_speedups(points, full_val)["consistentee"]
+        log(f"reward {reward} on validation: best speed-up at no loss {best['no_loss'] or 0:.2f}x, "
+            f"within 1 point {best['within_1_point'] or 0:.2f}x")
     chosen = cee.pick(ours, full_val)
-    cell = next(c for c in grid if c["reward"] == cfg.reward and c["alpha"] == chosen["alpha"])
-    model.policies.load_state_dict(cell["policies"])
-    log(f"picked on validation (full depth {full_val:.3f}): reward {cfg.reward} alpha {chosen['alpha']}, "
+    alpha = grid[chosen["cell"]]["alpha"]
+    model.policies.load_state_dict(grid[chosen["cell"]]["policies"])
+    log(f"picked on validation (full depth {full_val:.3f}): reward {cfg.reward} alpha {alpha}, "
         f"{chosen['accuracy']:.3f} at {chosen['avg_layers']:.2f} layers (threshold {cfg.threshold})")
-    return chosen["alpha"], grid
+    return alpha, grid
+
+
+def policy_weights(model):
+    """A copy of the exit policies' weights, to start from or come back to."""
+    return {k: v.clone() for k, v in model.policies.state_dict().items()}
 
 
 def control(task, memorized, alpha, policies, cfg):
     """
-    The fair test of stage 3: from the stage-1 model, as many steps of stage 1's weighted loss as stage 3
-    takes (same inputs, learning rate and schedule), then stage 2 at the same alpha, starting from the
-    same policies, on the new backbone's states. Written to out_dir/control.pt. Being a stage-1 run,
-    it takes stage 1's random draws (the order of stage 1's first epoch), stage 3 its own.
+    The fair test of stage 3: from the stage-1 model, as many steps of stage 1's weighted loss as
+    stage 3 takes (same inputs, learning rate and schedule), then stage 2 at the same alpha, starting
+    from the same policies, on the new backbone's states. Written to out_dir/control.pt. Being a
+    stage-1 run, it takes stage 1's random draws (the order of stage 1's first epoch), stage 3 its own.
     """
+    t0 = time.time()
     model, _, _ = load("stage1.pt", cfg)
     like_stage3 = replace(cfg, epochs1=cfg.epochs3, lr1=cfg.lr3)
-    seconds = run_stage(model, 1, {"train": task["train_rl"]}, None, like_stage3, resumable=False, name="control")
+    run_stage(model, 1, {"train": task["train_rl"]}, None, like_stage3, resumable=False,
+              name="control")
     model.policies.load_state_dict(policies)
-    t0 = time.time()
     train_pass = gathered_layers(model, task["train_rl"], cfg)
-    run_stage(model, 2, task, memorized, cfg, alpha, train_pass, resumable=False, name="control policy")
+    run_stage(model, 2, task, memorized, cfg, alpha, train_pass, resumable=False,
+              name="control policy")
     write(os.path.join(cfg.out_dir, "control.pt"), checkpoint(model, "control", memorized, cfg, alpha))
-    return seconds + time.time() - t0
+    return time.time() - t0
 
 
 def shares(layers, L):
@@ -456,13 +473,15 @@ def write(path, checkpoint):
 
 
 def checkpoint(model, stage, memorized, cfg, alpha, **extra):
-    """What a checkpoint holds: the weights, how to rebuild the model, the run's options, where it stands."""
+    """What a checkpoint holds: the weights, how to rebuild the model, the run's options, where it
+    stands."""
     return {"model": model.state_dict(), "model_config": asdict(model.config), "config": asdict(cfg),
             "stage": stage, "memorized": memorized, "alpha": alpha, **extra}
 
 
 def save(model, stage, memorized, cfg, alpha=0.0, **extra):
-    write(os.path.join(cfg.out_dir, f"stage{stage}.pt"), checkpoint(model, stage, memorized, cfg, alpha, **extra))
+    path = os.path.join(cfg.out_dir, f"stage{stage}.pt")
+    write(path, checkpoint(model, stage, memorized, cfg, alpha, **extra))
 
 
 SAME_DATA_AND_MODEL = ("task", "init", "seed", "max_len", "pool", "policy_conf", "lm_vocab", "lm_windows",
@@ -509,9 +528,10 @@ def timed_exits(model, split, rule, cfg):
 
 def evaluate_and_report(task, cfg, seconds):
     """
-    On the test split: the baselines on the stage-1 model; ConsistentEE's grid (stage-2 policies of every
-    reward and alpha, on the stage-1 model) and its stage-3 model, swept over the threshold; paired
-    bootstrap intervals against the baselines; stage 3 against its control. report.json, tradeoff.png.
+    On the test split: the baselines on the stage-1 model; ConsistentEE's grid (stage-2 policies of
+    every reward and alpha, on the stage-1 model) and its stage-3 model, swept over the threshold;
+    paired bootstrap intervals against the baselines; stage 3 against its control.
+    Writes report.json and tradeoff.png (report.py), and prints the table.
     """
     t0 = time.time()
     test = task["test"]
@@ -520,105 +540,56 @@ def evaluate_and_report(task, cfg, seconds):
     m3, _, ck3 = load("stage3.pt", cfg)
     s1, lg1, y = all_layers(m1, test, cfg)  # stage 2 trained policies only: its backbone is stage 1's
     L, n = lg1.shape[1:]
-    g = cee.grids(L, n)
-    thresholds = sorted({*g["consistentee"], cfg.threshold})
-    methods, answers = [], {}  # answers: id of a point -> whether each test input was answered right
+    g = cee.grids(L, n, cfg.threshold)
+    methods, source = [], {}  # source: id of a point -> the outputs it was swept on
 
     def add(name, params, logits, p=None, **keys):
         points = [{**m, **keys} for m in cee.sweep(name, params, logits, y, p)]
-        for m in points:
-            exits = cee.exit_layers(cee.ExitRule(name, m["param"]), logits, p)  # (B,)
-            answers[id(m)] = logits[torch.arange(len(y)), exits - 1].argmax(-1) == y
+        source.update({id(m): (logits, p) for m in points})
         methods.extend(points)
         return points
+
+    def right(m):  # which test inputs a point answers right, for the paired bootstrap
+        logits, p = source[id(m)]
+        return report.answered(m, logits, y, p)
 
     for name in ("static", "entropy", "patience", "maxprob"):
         add(name, g[name], lg1)
     with torch.no_grad():
         for cell in grid:
             m1.policies.load_state_dict(cell["policies"])
-            add("consistentee", thresholds, lg1, cee.policy_probs(m1, s1, lg1), alpha=cell["alpha"],
-                reward=cell["reward"], stage=2)
+            add("consistentee", g["consistentee"], lg1, cee.policy_probs(m1, s1, lg1),
+                alpha=cell["alpha"], reward=cell["reward"], stage=2)
         s3, lg3, _ = all_layers(m3, test, cfg)
         p3 = cee.policy_probs(m3, s3, lg3)
-    ours = add("consistentee", thresholds, lg3, p3, alpha=ck3["alpha"], reward=cfg.reward, stage=3)
-    operating = next(m for m in ours if m["param"] == cfg.threshold)  # what the final model does by default
+    ours = add("consistentee", g["consistentee"], lg3, p3, alpha=ck3["alpha"], reward=cfg.reward,
+               stage=3)
+    operating = next(m for m in ours if m["param"] == cfg.threshold)  # the final model's default
     exits = cee.exit_layers(cee.ExitRule("consistentee", cfg.threshold), lg3, p3)  # (B,)
     full = (lg1[:, -1].argmax(-1) == y).float().mean().item()
     memorized = memorized_of(lg1, y, cfg)  # hardness of the test inputs, by the stage-1 heads
-    buckets = [l for l in range(1, L + 1) if (memorized == l).any()]
-    report = {"full": {"accuracy": full, "layers": L}, "methods": methods, "seconds": seconds, "config": asdict(cfg),
-              "final_full_depth_accuracy": (lg3[:, -1].argmax(-1) == y).float().mean().item(),
-              "picked": {"alpha": ck3["alpha"], "reward": cfg.reward, "threshold": cfg.threshold},
-              "best_speedup": cee.best_speedups(groups(methods), full),
-              "exit_by_memorized_layer": {
-                  "mean_exit": {l: exits[memorized == l].float().mean().item() for l in buckets},
-                  "count": {l: int((memorized == l).sum()) for l in buckets},
-                  "histogram": {l: torch.bincount(exits[memorized == l], minlength=L + 1)[1:].tolist()
-                                for l in buckets},
-                  "threshold": cfg.threshold, "target": cfg.policy_target,
-                  "rank_correlation": cee.rank_correlation(memorized, exits)},
-              "versus_baselines": versus_baselines(methods, answers, operating, full)}
+    final = (lg3[:, -1].argmax(-1) == y).float().mean().item()
+    out = {"full": {"accuracy": full, "layers": L}, "methods": methods, "seconds": seconds,
+           "config": asdict(cfg), "final_full_depth_accuracy": final,
+           "picked": {"alpha": ck3["alpha"], "reward": cfg.reward, "threshold": cfg.threshold},
+           "best_speedup": cee.best_speedups(report.groups(methods), full),
+           "exit_by_memorized_layer": {**report.exits_by_memorized(memorized, exits, L),
+                                       "threshold": cfg.threshold, "target": cfg.policy_target},
+           "versus_baselines": report.versus_baselines(methods, right, operating, full)}
     if cfg.control:
-        report["stage3_vs_control"] = against_control(m3, p3, lg3, y, test, thresholds, cfg)
+        out["stage3_vs_control"] = against_control(m3, p3, lg3, y, test, g["consistentee"], cfg)
     if cfg.task != "lm":  # a language model's time is measured generating: generate.py, bench.py
         seconds["test_full_depth"] = timed_exits(m3, test, cee.ExitRule("static", L), cfg)
-        seconds["test_consistentee"] = timed_exits(m3, test, cee.ExitRule("consistentee", cfg.threshold), cfg)
+        policy = cee.ExitRule("consistentee", cfg.threshold)
+        seconds["test_consistentee"] = timed_exits(m3, test, policy, cfg)
     seconds["eval"] = time.time() - t0
     path = os.path.join(cfg.out_dir, "report.json")
     with open(path + ".tmp", "w") as f:
-        json.dump(report, f, indent=1)
+        json.dump(out, f, indent=1)
     os.replace(path + ".tmp", path)  # a failed write never clobbers the previous report
-    print_table(report)
-    plot(report, os.path.join(cfg.out_dir, "tradeoff.png"))
-    return report
-
-
-def groups(methods):
-    """Each baseline by name; ConsistentEE as a whole, after stage 3, and each reward's stage-2 grid."""
-    out = []
-    for m in methods:
-        out.append(m)
-        if m["name"] == "consistentee":
-            part = "stage3" if m["stage"] == 3 else f"stage2_{m['reward']}"
-            out.append({**m, "name": f"consistentee_{part}"})
+    report.print_table(out)
+    report.plot(out, os.path.join(cfg.out_dir, "tradeoff.png"))
     return out
-
-
-def versus_baselines(methods, answers, operating, full):
-    """
-    Paired bootstrap intervals (resampling test inputs) of accuracy differences at matched speed: the
-    operating point (picked on validation) and ConsistentEE's fastest point within 1 point of full depth
-    (chosen on test, among every policy: it flatters ConsistentEE), each against the most accurate
-    baseline point at least as fast; and every baseline point on the baselines' front that lies above
-    ConsistentEE's front, against the most accurate ConsistentEE point at least as fast.
-    """
-    ours = [m for m in methods if m["name"] == "consistentee"]
-    theirs = [m for m in methods if m["name"] != "consistentee"]
-
-    def pair(what, a, b):
-        row = {"what": what, "consistentee": brief(a), "baseline": brief(b)}
-        if a is not None and b is not None:
-            d, lo, hi = cee.paired_bootstrap(answers[id(a)], answers[id(b)])
-            row |= {"difference": d, "interval": [lo, hi]}
-        return row
-
-    rows = [pair("operating point", operating, cee.matched(operating, theirs))]
-    best = cee.pick(ours, full)
-    close = best["accuracy"] >= full - 0.01
-    what = "best within 1 point" if close else "most accurate (none within 1 point)"
-    rows.append(pair(what + ", chosen on test", best, cee.matched(best, theirs)))
-    for b in cee.front(theirs):
-        a = cee.matched(b, ours)
-        if a is None or b["accuracy"] > a["accuracy"]:
-            rows.append(pair("baseline above the front", a, b))
-    return rows
-
-
-def brief(m):
-    """A point's name, knobs and figures, for the comparisons."""
-    keys = ("name", "param", "alpha", "reward", "stage", "accuracy", "speedup")
-    return None if m is None else {k: m[k] for k in keys if k in m}
 
 
 def against_control(m3, p3, lg3, y, test, thresholds, cfg):
@@ -630,102 +601,16 @@ def against_control(m3, p3, lg3, y, test, thresholds, cfg):
         pc = cee.policy_probs(mc, sc, lgc)
     out, right = {}, {}
     for name, logits, p in (("stage3", lg3, p3), ("control", lgc, pc)):
-        heads = (logits.argmax(-1) == y[:, None]).float().mean(0).tolist()  # (L,) each exit head alone
+        heads = (logits.argmax(-1) == y[:, None]).float().mean(0).tolist()  # (L,) each head alone
         points = cee.sweep("consistentee", thresholds, logits, y, p)
-        exits = cee.exit_layers(cee.ExitRule("consistentee", cfg.threshold), logits, p)
-        right[name] = (logits[:, -1].argmax(-1) == y, logits[torch.arange(len(y)), exits - 1].argmax(-1) == y)
         op = next(m for m in points if m["param"] == cfg.threshold)
+        right[name] = (logits[:, -1].argmax(-1) == y, report.answered(op, logits, y, p))
         out[name] = {"full": heads[-1], "heads": heads, "operating": op,
                      "best_speedup": cee.best_speedups(points, heads[-1])["consistentee"]}
     for i, what in enumerate(("full", "operating")):
         d, lo, hi = cee.paired_bootstrap(right["stage3"][i], right["control"][i])
         out[f"{what}_difference"] = {"difference": d, "interval": [lo, hi]}
     return out
-
-
-def print_table(r):
-    print(f"full depth (stage 1): accuracy {r['full']['accuracy']:.3f} at {r['full']['layers']} layers; "
-          f"after stage 3: {r['final_full_depth_accuracy']:.3f}")
-    print(f"{'method':<14}{'reward':>8}{'alpha':>7}{'param':>7}{'accuracy':>10}{'agreement':>11}{'layers':>8}"
-          f"{'speedup':>9}")
-    baselines = [m for m in r["methods"] if m["name"] != "consistentee"]
-    stage3 = [m for m in r["methods"] if m.get("stage") == 3]
-    fronts = [p for rew in cee.REWARDS for p in cee.front(
-        [m for m in r["methods"] if m.get("stage") == 2 and m["reward"] == rew])[::-1]]
-    seen = set()
-    for m in baselines + stage3 + fronts:
-        name = m["name"] if m["name"] != "consistentee" else f"cee-stage{m['stage']}"
-        point = (name, m.get("reward"), round(m["accuracy"], 4), round(m["avg_layers"], 3))
-        if point in seen:  # a knob value that changed nothing: listed in report.json only
-            continue
-        seen.add(point)
-        print(f"{name:<14}{m.get('reward', ''):>8}{m.get('alpha', ''):>7}{m['param']:>7.3g}{m['accuracy']:>10.3f}"
-              f"{m['agreement']:>11.3f}{m['avg_layers']:>8.2f}{m['speedup']:>8.2f}x")
-    print("(cee-stage2 rows: the front of each reward's grid of stage-2 policies on the stage-1 model)")
-    e = r["exit_by_memorized_layer"]
-    print(f"mean exit layer by memorized layer ({e['target']}; threshold {e['threshold']}): " +
-          ", ".join(f"m={l}: {v:.2f} (n={e['count'][l]})" for l, v in e["mean_exit"].items()) +
-          f"; rank correlation {e['rank_correlation']:.3f}")
-    print("best speed-up at no accuracy loss / within 1 point / agreeing with full depth >= 90%: " + ", ".join(
-        f"{k} {v['no_loss'] or 0:.2f}x / {v['within_1_point'] or 0:.2f}x / {v['agreement_0.9'] or 0:.2f}x"
-        for k, v in r["best_speedup"].items()))
-    for row in r["versus_baselines"]:
-        a, b = row["consistentee"], row["baseline"]
-        text = " vs ".join("none" if m is None else f"{m['name']} {m['param']:.3g}: {m['accuracy']:.3f} at "
-                           f"{m['speedup']:.2f}x" for m in (a, b))
-        if "difference" in row:
-            text += f"; difference {row['difference']:+.3f} [{row['interval'][0]:+.3f}, {row['interval'][1]:+.3f}]"
-        print(f"{row['what']}: {text}")
-    if "stage3_vs_control" in r:
-        c = r["stage3_vs_control"]
-        for name in ("stage3", "control"):
-            op = c[name]["operating"]
-            print(f"{name}: full depth {c[name]['full']:.3f}, heads " + " ".join(f"{a:.3f}" for a in c[name]["heads"])
-                  + f"; policy {op['accuracy']:.3f} at {op['speedup']:.2f}x")
-        print("stage 3 minus control: " + ", ".join(
-            f"{w} {c[w + '_difference']['difference']:+.3f} [{c[w + '_difference']['interval'][0]:+.3f}, "
-            f"{c[w + '_difference']['interval'][1]:+.3f}]" for w in ("full", "operating")))
-    print("seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in r["seconds"].items()))
-
-
-def plot(r, path):
-    """Left: accuracy against layer speed-up for every rule, ConsistentEE's fronts as curves. Right: where
-    the test inputs of each memorized layer exit at the operating point."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, (ax, hx) = plt.subplots(1, 2, figsize=(11, 4), gridspec_kw={"width_ratios": [3, 2]})
-    grid = [m for m in r["methods"] if m.get("stage") == 2]
-    ax.scatter([m["speedup"] for m in grid], [m["accuracy"] for m in grid], s=4, color="lightgray",
-               label="consistentee policies, every alpha")
-    curves = {f"consistentee front, reward {rew} (stage 2)": cee.front([m for m in grid if m["reward"] == rew])
-              for rew in cee.REWARDS}
-    curves["consistentee after stage 3"] = [m for m in r["methods"] if m.get("stage") == 3]
-    for name in ("static", "entropy", "patience", "maxprob"):
-        curves[name] = [m for m in r["methods"] if m["name"] == name]
-    for name, pts in curves.items():
-        xy = sorted((m["speedup"], m["accuracy"]) for m in pts)
-        ax.plot(*zip(*xy), marker="o", ms=3, lw=2 if "consistentee" in name else 1, label=name)
-    full = r["full"]["accuracy"]
-    ax.axhline(full, color="gray", ls="--", lw=0.8, label="full depth")
-    near = [m["speedup"] for m in r["methods"] if m["accuracy"] >= full - 0.08]  # where the curves differ
-    ax.set_xlim(0.95, max(near) * 1.05)
-    ax.set_ylim(full - 0.08, full + 0.01)
-    ax.set_xlabel("layer speed-up (L / mean exit layer)")
-    ax.set_ylabel("test accuracy (within 8 points of full depth)")
-    ax.legend(fontsize=7, loc="lower left")
-    e = r["exit_by_memorized_layer"]
-    L, bottom = r["full"]["layers"], [0.0] * len(e["histogram"])
-    for t in range(L):  # stacked bars: the share of each memorized layer's inputs that exit at layer t + 1
-        share = [h[t] / max(sum(h), 1) for h in e["histogram"].values()]
-        hx.bar([str(m) for m in e["histogram"]], share, bottom=bottom, label=f"exit {t + 1}",
-               color=plt.cm.viridis(t / max(L - 1, 1)))
-        bottom = [b + s for b, s in zip(bottom, share)]
-    hx.set_xlabel(f"memorized layer (test inputs; rank correlation {e['rank_correlation']:.2f})")
-    hx.set_ylabel(f"share exiting at each layer (threshold {e['threshold']})")
-    hx.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1, 1))
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
 
 
 def load_task(cfg):
@@ -785,7 +670,8 @@ def main(argv):
         model, _, _ = load("stage1.pt", cfg)
         memorized, first = None, 2  # computed again below: they depend on --policy_target
     elif cfg.stage == 3:
-        model, memorized, ckpt = load("stage2.pt", cfg, SAME_DATA_AND_MODEL + ("policy_target", "reward", "alphas"))
+        same_policies = SAME_DATA_AND_MODEL + ("policy_target", "reward", "alphas")
+        model, memorized, ckpt = load("stage2.pt", cfg, same_policies)
         first, alpha = 3, ckpt.get("alpha")
     else:
         try:
@@ -813,7 +699,8 @@ def main(argv):
                 train_pass = gathered_layers(model, task["train_rl"], cfg)
             alpha, extra["grid"] = policy_grid(model, task, memorized, train_pass, cfg)
         else:
-            run_stage(model, stage, task, memorized, cfg, alpha, train_pass, resume if stage == first else None)
+            run_stage(model, stage, task, memorized, cfg, alpha, train_pass,
+                      resume if stage == first else None)
         seconds[f"stage{stage}"] = time.time() - t0
         if stage == 1:
             train_pass, memorized = hardness(model, task, cfg)
