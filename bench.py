@@ -1,25 +1,28 @@
 """
 Does early exit save time on the clock, not only layers? Ratios of timings taken in one run.
 
-    python bench.py                         # a table; uses out/stage3.pt if python train.py made one
-    python bench.py --json                  # one JSON object
+    python bench.py                  # a table; out/stage3.pt, out_lm/stage3.pt when there
+    python bench.py --json           # one JSON object
     python bench.py --ckpt=PATH --repeats=15
-    python bench.py --lm_ckpt=out_lm/stage3.pt  # the language model of python train.py --task=lm (the default)
+    python bench.py --help           # every option
 
 Each figure is a ratio of two timings of the same inputs, taken interleaved (A, B, A, B, ...) and
 summarised by the median of the repeats, so that a noisy machine slows both sides alike. At batch 1
 the two alternate input by input, and each input's medians are summed.
   realized_over_layer_speedup  (time at full depth / time with early exit) / (L / mean exit layer)
-  realized_without_decisions_batch_1  the same at batch 1 for each input's exit known in advance (no decisions):
-                               the ceiling that the costs shared with full depth leave
-  decision_overhead            share of early-exit time spent deciding: the policy vs the entropy rule
-                               (batch 64; decision_overhead_batch_1 the same, one input at a time)
+  realized_without_decisions_batch_1  the same at batch 1, each input's exit known in advance (no
+                               decisions): the ceiling that the costs shared with full depth leave
+  decision_overhead            share of early-exit time spent deciding: the policy vs the entropy
+                               rule (batch 64; decision_overhead_batch_1 the same, one at a time)
   ours_over_hf_inference       transformers' BertModel time / ours, full depth (> 1: ours is faster)
   joint_step_over_stage1_step  a stage-3 step (K trajectories) / a stage-1 step, same batch
-  ours_over_hf_generate        transformers' generate() time / ours, greedy, full depth, same GPT-2 weights
-  policy_exit_speedup          tokens/s with policy exits / tokens/s at full depth (trained LM, greedy),
-                               with policy_agreement, the share of tokens full depth would have picked
-  speculative_speedup          tokens/s of self-speculative decoding / full depth; speculative_identical
+  ours_over_hf_generate        transformers' generate() time / ours, greedy, full depth, same
+                               GPT-2 weights
+  policy_exit_speedup          tokens/s with policy exits / tokens/s at full depth (trained LM,
+                               greedy), with policy_agreement, the share of tokens full depth
+                               would have picked
+  speculative_speedup          tokens/s of self-speculative decoding / full depth;
+                               speculative_identical
 Without a checkpoint the model is all-MiniLM-L6-v2's shape with random weights, and policies scaled
 so that the inputs spread over the exit layers.
 """
@@ -28,14 +31,42 @@ import os
 import statistics
 import sys
 import time
+from dataclasses import dataclass
 from functools import partial
 
 import torch
 
 import cee
 import data
-import train
+from common import load_model, overrides, pick_device
 from model import Config, Decoder, Encoder, unpack
+
+PROG = "bench.py"
+
+
+# -----------------------------------------------------------------------------
+# options
+
+
+@dataclass
+class BenchConfig:
+    ckpt: str = ""         # a classifier of train.py, or "random" (MiniLM's shape, random
+                           # weights); "" = out/stage3.pt if it is there, else random
+    lm_ckpt: str = ""      # a language model of train.py --task=lm; "" = out_lm/stage3.pt if there
+    repeats: int = 9       # timings per figure, interleaved; each figure is their median's ratio
+    device: str = "auto"   # auto = cuda, then mps, then cpu
+    json: bool = False     # print one JSON object instead of a table
+
+
+def parse_args(argv):
+    cfg = overrides(BenchConfig(), argv, PROG, __doc__)
+    if cfg.repeats < 1:
+        raise SystemExit(f"{PROG}: --repeats must be >= 1")
+    return cfg
+
+
+# -----------------------------------------------------------------------------
+# timing: ratios of interleaved medians
 
 
 def timer(device):
@@ -49,10 +80,10 @@ def timer(device):
 
 def interleaved(fa, fb, repeats, now):
     """
-    Median time of fa / median time of fb, the two run alternately after one warm-up each. fa and fb may
-    also be lists (one function per input, as each() makes): each pair alternates on its own input, and
-    the ratio is of the sums of their medians. A pair then runs within milliseconds, not within the
-    time of all inputs, so that a machine whose speed drifts slows both sides alike.
+    Median time of fa / median time of fb, the two run alternately after one warm-up each. fa and
+    fb may also be lists (one function per input, as each() makes): each pair alternates on its own
+    input, and the ratio is of the sums of their medians. A pair then runs within milliseconds,
+    not within the time of all inputs, so that a machine whose speed drifts slows both sides alike.
     """
     fa, fb = ([f] if callable(f) else list(f) for f in (fa, fb))
     ta, tb = [[] for _ in fa], [[] for _ in fb]
@@ -67,12 +98,16 @@ def interleaved(fa, fb, repeats, now):
     return sum(map(statistics.median, ta)) / sum(map(statistics.median, tb))
 
 
-def load_model(ckpt, device):
-    if ckpt and os.path.isfile(ckpt):
-        state = torch.load(ckpt, map_location=device, weights_only=True)
-        model = Encoder(Config(**state["model_config"]))
-        model.load_state_dict(state["model"])
-        return model.to(device).eval(), ckpt
+# -----------------------------------------------------------------------------
+# the classifier: early exit against full depth, deciding, transformers
+
+
+def classifier(ckpt, device):
+    """(model in eval mode, where it came from): a checkpoint of train.py, or random weights of
+    MiniLM's shape (ckpt "random", or "" when out/stage3.pt is not there)."""
+    ckpt = ckpt or ("out/stage3.pt" if os.path.isfile("out/stage3.pt") else "random")
+    if ckpt != "random":
+        return load_model(ckpt, PROG, device, kind=Encoder)[0].eval(), ckpt
     torch.manual_seed(0)
     model = Encoder(Config(dropout=0.0))
     with torch.no_grad():
@@ -83,15 +118,13 @@ def load_model(ckpt, device):
 
 def full_depth(model, ids, mask, layers=None):
     """
-    What one runs without early exit, for the same answer: the input checks, every layer (skipping the
-    padding), then the last exit head's prediction. With layers=n: the first n layers and exit head n,
-    an early exit known in advance, so with no decisions to pay for.
+    What one runs without early exit, for the same answer: the input checks, every layer (skipping
+    the padding), then the last exit head's prediction. With layers=n: the first n layers and exit
+    head n, an early exit known in advance, so with no decisions to pay for.
     """
     model.check_ids(ids)
     tokens, bias, L = model.real_tokens(mask), model.attn_bias(mask), layers or model.config.n_layer
-    x = model.embed(ids, tokens=tokens)
-    for l in range(L):
-        x = model.run_layer(l, x, bias, tokens)
+    x = model.run_layers(model.embed(ids, tokens=tokens), bias, tokens, n=L)
     h = x if tokens is None else unpack(x, tokens, *ids.shape)
     return model.exit_logits(L - 1, model.exit_state(h, model.pool_weights(mask))).argmax(-1)
 
@@ -103,7 +136,8 @@ class TimedRule(cee.ExitRule):
         self.seconds, self.now = 0.0, now
         for l, pol in enumerate(model.policies):
             model.policies[l] = Clocked(pol, self)
-        model.policy_input = Clocked(model.policy_input, self)  # the policy's view (+ head confidence if policy_conf)
+        # the policy's view (with the head's confidence if policy_conf)
+        model.policy_input = Clocked(model.policy_input, self)
         return self
 
     def unclock(self, model):
@@ -132,9 +166,13 @@ class Clocked(torch.nn.Module):
         return out
 
 
+# -----------------------------------------------------------------------------
+# generation: ours against transformers, policy exits and speculative decoding
+
+
 def generation(device, repeats, now):
     """
-    Greedy decoding of 32 tokens with a random-init GPT-2 (6 layers, width 256, the GPT-2 vocabulary):
+    Greedy decoding of 32 tokens with a random-init GPT-2 (6 layers, width 256, GPT-2's vocabulary):
     ours at full depth vs transformers' generate() on the same weights, and whether self-speculative
     decoding returns exactly the same tokens.
     """
@@ -142,57 +180,75 @@ def generation(device, repeats, now):
     import transformers
     import generate
     torch.manual_seed(0)
-    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_embd=256, n_layer=6, n_head=8, n_positions=256))
+    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_embd=256, n_layer=6, n_head=8,
+                                                              n_positions=256))
     with tempfile.TemporaryDirectory() as path:
         hf.save_pretrained(path)
         ours = Decoder.from_pretrained(path).to(device).eval()
     hf = hf.to(device).eval()
     idx = torch.randint(0, 50257, (1, 16), generator=torch.Generator().manual_seed(0)).to(device)
-    kw = dict(do_sample=False, max_new_tokens=32, min_new_tokens=32, pad_token_id=0, attention_mask=torch.ones_like(idx))
+    kw = dict(do_sample=False, max_new_tokens=32, min_new_tokens=32, pad_token_id=0,
+              attention_mask=torch.ones_like(idx))
     with torch.inference_mode():
         full, _ = generate.generate(ours, idx, 32)
         spec, _ = generate.generate(ours, idx, 32, "speculative")
-        ratio = interleaved(partial(hf.generate, idx, **kw), partial(generate.generate, ours, idx, 32), repeats, now)
-    return {"ours_over_hf_generate": ratio, "speculative_identical_random_gpt2": torch.equal(full, spec)}
+        ratio = interleaved(partial(hf.generate, idx, **kw),
+                            partial(generate.generate, ours, idx, 32), repeats, now)
+    return {"ours_over_hf_generate": ratio,
+            "speculative_identical_random_gpt2": torch.equal(full, spec)}
 
 
 def lm_generation(ckpt, device, repeats, now, new_tokens=96):
     """
-    The trained language model (python train.py --task=lm): greedy continuations, 96 tokens each, of 4
-    test prompts of 16 tokens; full depth vs policy exits (state copying, the default, and deferred fill)
-    vs self-speculative decoding, each with generate.py's defaults (threshold 0.5, draft_len 4).
-    Also the share of a token's multiply-adds spent in the layers rather than the LM head.
+    The trained language model (python train.py --task=lm): greedy continuations, 96 tokens each,
+    of 4 test prompts of 16 tokens; full depth vs policy exits (state copying, the default, and
+    deferred fill) vs self-speculative decoding, each with generate.py's defaults (threshold 0.5,
+    draft_len 4). Also the share of a token's multiply-adds spent in the layers rather than the LM
+    head.
     """
     import generate
-    if not os.path.isfile(ckpt):
-        return {"lm_model": f"{ckpt} missing: run python train.py --task=lm", "policy_exit_speedup": None,
-                "policy_agreement": None, "speculative_speedup": None}
-    model = generate.load_decoder(ckpt, device)
-    c = model.config
-    state = torch.load(ckpt, map_location="cpu", weights_only=True)
-    saved = state["config"]  # the test windows of its training run; the first 16 tokens of 4 of them
-    prompts = data.lm_task(c.vocab_size, saved["max_len"], 1, saved["lm_test_windows"], saved["seed"])["test"][:4, :16]
-    prompts = [p[None].to(device) for p in prompts]
+    if not ckpt and not os.path.isfile("out_lm/stage3.pt"):
+        return {"lm_model": "out_lm/stage3.pt missing: run python train.py --task=lm",
+                "policy_exit_speedup": None, "policy_agreement": None, "speculative_speedup": None}
+    ckpt = ckpt or "out_lm/stage3.pt"
+    model, state = load_model(ckpt, PROG, device, kind=Decoder)
+    model, c, saved = model.eval(), model.config, state.get("config")
+    if not saved:
+        raise SystemExit(f"{PROG}: {ckpt} holds no training options: give a checkpoint of "
+                         "train.py --task=lm, whose test windows give the prompts")
+    # the test windows of its training run; the first 16 tokens of 4 of them
+    test = data.lm_task(c.vocab_size, saved["max_len"], 1, saved["lm_test_windows"], saved["seed"])
+    prompts = [p[None].to(device) for p in test["test"][:4, :16]]
 
     def run(**kw):
         return lambda: [generate.generate(model, p, new_tokens, **kw) for p in prompts]
     full = [new for new, _ in run()()]
     out = {"lm_model": ckpt}
-    for name, kw in (("policy_exit", dict(exit="policy")), ("policy_exit_defer", dict(exit="policy", kv="defer")),
+    for name, kw in (("policy_exit", dict(exit="policy")),
+                     ("policy_exit_defer", dict(exit="policy", kv="defer")),
                      ("speculative", dict(exit="speculative"))):
         results = run(**kw)()
         out[f"{name}_speedup"] = interleaved(run(), run(**kw), repeats, now)
         out[f"{name}_mean_exit_layer"] = statistics.mean(st["mean_exit_layer"] for _, st in results)
         if name.startswith("policy"):
             out[name.replace("exit", "agreement")] = statistics.mean(
-                generate.agreement_with_full(model, p, new) for p, (new, _) in zip(prompts, results))
+                generate.agreement_with_full(model, p, new)
+                for p, (new, _) in zip(prompts, results))
         else:
-            out["speculative_identical_lm"] = all(torch.equal(a, b) for a, (b, _) in zip(full, results))
-            out[f"{name}_accepted_per_draft"] = statistics.mean(st["accepted_per_draft"] for _, st in results)
+            out["speculative_identical_lm"] = all(torch.equal(a, b)
+                                                  for a, (b, _) in zip(full, results))
+            out[f"{name}_accepted_per_draft"] = statistics.mean(st["accepted_per_draft"]
+                                                                for _, st in results)
     T = 16 + new_tokens / 2  # mean context while generating
-    per_layer = 4 * c.n_embd ** 2 + 2 * c.n_embd * c.n_inner + 2 * T * c.n_embd  # qkv + proj, MLP, attention
-    out["lm_layer_share"] = c.n_layer * per_layer / (c.n_layer * per_layer + c.n_embd * c.vocab_size)
+    # multiply-adds of a layer: q, k, v and the projection, the MLP, attention over T positions
+    per_layer = 4 * c.n_embd ** 2 + 2 * c.n_embd * c.n_inner + 2 * T * c.n_embd
+    layers = c.n_layer * per_layer
+    out["lm_layer_share"] = layers / (layers + c.n_embd * c.vocab_size)
     return out
+
+
+# -----------------------------------------------------------------------------
+# main
 
 
 def each(batches, f):
@@ -207,19 +263,15 @@ def over(batches, f):
 
 
 def main(argv):
-    args = dict(a.removeprefix("--").partition("=")[::2] for a in argv)
-    unknown = set(args) - {"json", "ckpt", "lm_ckpt", "repeats", "device"}
-    if unknown:
-        raise SystemExit(f"bench.py: unknown option --{sorted(unknown)[0]}; options: --json --ckpt= --lm_ckpt= "
-                         "--repeats= --device=")
-    device = train.pick_device(args.get("device", "auto"))
-    repeats = int(args.get("repeats", 9))
+    cfg = parse_args(argv)
+    device = pick_device(cfg.device, PROG)
+    repeats = cfg.repeats
     now = timer(device)
-    ckpt = args.get("ckpt", "out/stage3.pt")
-    model, source = load_model(ckpt, device)
+    model, source = classifier(cfg.ckpt, device)
     L = model.config.n_layer
     path = data.minilm_path()
-    test = data.load_task("rotten_tomatoes", data.WordPiece(os.path.join(path, "vocab.txt")))["test"]
+    vocab = data.WordPiece(os.path.join(path, "vocab.txt"))
+    test = data.load_task("rotten_tomatoes", vocab)["test"]
     b64 = next(data.batches(test, 64, device=device))
     singles = [next(data.batches(test.select([i]), 1, device=device)) for i in range(16)]
     policy = cee.ExitRule("consistentee", 0.5)
@@ -230,21 +282,25 @@ def main(argv):
     hf = transformers.BertModel.from_pretrained(path).to(device).eval()
     minilm = Encoder.from_pretrained(path).to(device).eval()
     with torch.inference_mode():
-        # One input at a time is the shortest timing (16 x ~10 ms on 2 CPU cores) and the noisiest: 3x the repeats.
-        for name, batches, reps in (("batch_1", singles, 3 * repeats), ("batch_64", [b64], repeats)):
-            exits = torch.cat([e for _, e in over(batches, partial(cee.early_exit, model, rule=policy))()])
+        # One input at a time is the shortest timing (16 x ~10 ms on 2 CPU cores) and the
+        # noisiest: 3x the repeats.
+        for name, batches, reps in (("batch_1", singles, 3 * repeats),
+                                    ("batch_64", [b64], repeats)):
+            policy_exit = partial(cee.early_exit, model, rule=policy)
+            exits = torch.cat([e for _, e in over(batches, policy_exit)()])
             mean_exit = exits.float().mean().item()
             out["mean_exit_layer"][name] = mean_exit
             ratio = interleaved(each(batches, partial(full_depth, model)),
-                                each(batches, partial(cee.early_exit, model, rule=policy)), reps, now)
+                                each(batches, policy_exit), reps, now)
             out["realized_over_layer_speedup"][name] = ratio / (L / mean_exit)
-            if name == "batch_1":  # the same exits, known in advance: what is left once decisions are free
-                known = [(b["input_ids"], b["attention_mask"], int(e)) for b, e in zip(singles, exits)]
+            if name == "batch_1":  # the same exits known in advance: the cost without decisions
+                known = [(b["input_ids"], b["attention_mask"], int(e))
+                         for b, e in zip(singles, exits)]
                 free = interleaved(each(batches, partial(full_depth, model)),
                                    [partial(full_depth, model, *k) for k in known], reps, now)
                 out["realized_without_decisions_batch_1"] = free / (L / mean_exit)
-            out["ours_over_hf_inference"][name] = interleaved(each(batches, hf), each(batches, minilm.layer_states),
-                                                              repeats, now)
+            out["ours_over_hf_inference"][name] = interleaved(
+                each(batches, hf), each(batches, minilm.layer_states), repeats, now)
 
         for key, batches in (("decision_overhead", [b64]), ("decision_overhead_batch_1", singles)):
             out[key] = {}
@@ -262,30 +318,31 @@ def main(argv):
     opt = torch.optim.AdamW(model.parameters(), lr=1e-6)
     batch = next(data.batches(test, 32, shuffle=True, device=device))
     memorized = torch.full((32,), L // 2, device=device)
-    cfg, alpha = train.TrainConfig(K=8), 0.02  # a step costs the same whatever alpha
-
-    def step(stage):
+    def step(stage):  # K = 8 trajectories; a step costs the same whatever alpha
         logits, s = model(batch["input_ids"], batch["attention_mask"])
-        loss, _ = cee.stage_loss(model, stage, s, logits, batch["labels"], memorized, alpha, cfg)
+        loss, _ = cee.stage_loss(model, stage, s, logits, batch["labels"], memorized, 0.02, K=8)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-    out["joint_step_over_stage1_step"] = interleaved(partial(step, 3), partial(step, 1), max(3, repeats // 3), now)
+    out["joint_step_over_stage1_step"] = interleaved(partial(step, 3), partial(step, 1),
+                                                     max(3, repeats // 3), now)
     out.update(generation(device, repeats, now))
-    out.update(lm_generation(args.get("lm_ckpt", "out_lm/stage3.pt"), device, repeats, now))
-    out["speculative_identical"] = out["speculative_identical_random_gpt2"] and out.get("speculative_identical_lm", True)
+    out.update(lm_generation(cfg.lm_ckpt, device, repeats, now))
+    out["speculative_identical"] = (out["speculative_identical_random_gpt2"]
+                                    and out.get("speculative_identical_lm", True))
 
-    if "json" in args:
+    if cfg.json:
         print(json.dumps(out))
         return
     print(f"model: {source}; device {device}; median of {repeats} interleaved repeats")
     for key in ("realized_over_layer_speedup", "ours_over_hf_inference", "decision_overhead",
                 "decision_overhead_batch_1", "mean_exit_layer"):
         print(f"{key:<32}" + "  ".join(f"{k} {v:.3f}" for k, v in out[key].items()))
-    for key in ("realized_without_decisions_batch_1", "joint_step_over_stage1_step", "ours_over_hf_generate",
-                "speculative_identical", "lm_model", "lm_layer_share", "policy_exit_speedup",
-                "policy_agreement", "policy_exit_mean_exit_layer", "policy_exit_defer_speedup", "policy_agreement_defer",
-                "speculative_speedup", "speculative_identical_lm", "speculative_accepted_per_draft"):
+    for key in ("realized_without_decisions_batch_1", "joint_step_over_stage1_step",
+                "ours_over_hf_generate", "speculative_identical", "lm_model", "lm_layer_share",
+                "policy_exit_speedup", "policy_agreement", "policy_exit_mean_exit_layer",
+                "policy_exit_defer_speedup", "policy_agreement_defer", "speculative_speedup",
+                "speculative_identical_lm", "speculative_accepted_per_draft"):
         if key in out:
             v = out[key]
             print(f"{key:<32}{v:.3f}" if isinstance(v, float) else f"{key:<32}{v}")

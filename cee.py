@@ -27,7 +27,8 @@ from model import confidence, unpack
 def exit_ce(logits, labels):
     """Cross-entropy of every exit head on every input: logits (B, L, n), labels (B,) -> (B, L)."""
     B, L, n = logits.shape
-    return F.cross_entropy(logits.flatten(0, 1), labels.repeat_interleave(L), reduction="none").view(B, L)
+    ce = F.cross_entropy(logits.flatten(0, 1), labels.repeat_interleave(L), reduction="none")
+    return ce.view(B, L)
 
 
 def weighted_exit_loss(logits, labels):
@@ -42,9 +43,11 @@ def weighted_exit_loss(logits, labels):
 
 def memorized_layer(preds, labels):
     """
-    The smallest l such that the heads l, l+1, ..., L all predict the label; L when the last head is wrong.
+    The smallest l such that the heads l, l+1, ..., L all predict the label; L when the last head
+    is wrong.
     preds (B, L) long, labels (B,) -> (B,) long in 1..L.
-    Example: labels [1, 1, 1], preds [[1, 1, 1], [0, 1, 1], [1, 0, 1]] -> [1, 2, 3]; preds [[1, 1, 0]] -> [3]
+    Example: labels [1, 1, 1], preds [[1, 1, 1], [0, 1, 1], [1, 0, 1]] -> [1, 2, 3];
+             preds [[1, 1, 0]] -> [3]
     """
     L = preds.size(1)
     wrong = preds != labels[:, None]  # (B, L)
@@ -54,7 +57,8 @@ def memorized_layer(preds, labels):
 
 
 def policy_probs(model, s, logits):
-    """p (B, L): each layer's exit probability from its policy; the last layer always exits (p_L = 1)."""
+    """p (B, L): each layer's exit probability from its policy; the last layer always exits
+    (p_L = 1)."""
     L = logits.size(1)
     p = [model.policies[l](model.policy_input(s[:, l], logits[:, l])) for l in range(L - 1)]
     return torch.stack(p + [s.new_ones(s.size(0))], 1)
@@ -76,12 +80,14 @@ def exit_gain(logits, target, reward):
     return (logits.argmax(-1) == target[:, None]).to(logits.dtype)
 
 
-def stage_loss(model, stage, s, logits, labels, memorized, alpha, cfg):
+def stage_loss(model, stage, s, logits, labels, memorized, alpha, K=8, estimator="reinforce",
+               reward="correct", target="label"):
     """
-    The loss of one batch in training stage 1, 2 or 3 (one function, so the stages cannot drift apart).
-    s (B, L, C) exit states, logits (B, L, n) every head's output, labels (B,), memorized (B,) the
-    inputs' memorized layers, alpha the depth penalty; cfg gives K, estimator, reward and
-    policy_target.
+    The loss of one batch in training stage 1, 2 or 3 (one function, so the stages cannot drift
+    apart). s (B, L, C) exit states, logits (B, L, n) every head's output, labels (B,), memorized
+    (B,) the inputs' memorized layers, alpha the depth penalty; K trajectories per input with
+    estimator "reinforce", or "exact"; the reward's accuracy term ("correct" or "ce", see
+    exit_gain), judged against the "label" or the "full" depth's prediction (target).
     Returns (loss, {name: value} to log).
     """
     if stage == 1:
@@ -90,33 +96,34 @@ def stage_loss(model, stage, s, logits, labels, memorized, alpha, cfg):
     L = logits.size(1)
     ce = exit_ce(logits, labels)  # (B, L)
     # The reward scores each head against reward_target: the label, or the full depth's prediction
-    # (policy_target "full": the policy learns when a head agrees with the last one, the consistency
+    # (target "full": the policy learns when a head agrees with the last one, the consistency
     # CALM asks of generation)
-    gain = exit_gain(logits.detach(), reward_target(logits, labels, cfg), cfg.reward)  # (B, L)
-    # The policy learns from the reward only: it reads detached states, so no noisy REINFORCE gradient
-    # reaches the backbone; in stage 3 the backbone learns from the loss at the exits actually taken.
+    gain = exit_gain(logits.detach(), reward_target(logits, labels, target), reward)  # (B, L)
+    # The policy learns from the reward only: it reads detached states, so no noisy REINFORCE
+    # gradient reaches the backbone; in stage 3 the backbone learns from the loss at the exits
+    # actually taken.
     p = policy_probs(model, s.detach(), logits.detach())  # (B, L)
-    reward = rl.reward_table(gain, memorized, alpha)  # (B, L) reward of exiting at each layer
-    if cfg.estimator == "exact":
-        weights = rl.exit_distribution(p).detach()  # (B, L)
-        policy_loss = rl.expected_reward_loss(p, reward)
+    rewards = rl.reward_table(gain, memorized, alpha)  # (B, L) reward of exiting at each layer
+    if estimator == "exact":
+        share = rl.exit_distribution(p).detach()  # (B, L) probability of exiting at l
+        policy_loss = rl.expected_reward_loss(p, rewards)
     else:
-        exits, log_prob = rl.sample_exits(p, cfg.K)  # (K, B): K trajectories from this one pass
-        weights = F.one_hot(exits - 1, L).float().mean(0)  # (B, L) share of the K trajectories exiting at l
-        policy_loss = rl.reinforce_loss(log_prob, reward.T.gather(0, exits - 1))
+        exits, log_prob = rl.sample_exits(p, K)  # (K, B): K trajectories from this one pass
+        share = F.one_hot(exits - 1, L).float().mean(0)  # (B, L) share of the K exiting at l
+        policy_loss = rl.reinforce_loss(log_prob, rewards.T.gather(0, exits - 1))
     layers = torch.arange(1, L + 1, device=p.device)  # (L,)
-    logs = {"loss/policy": policy_loss.item(), "exit/mean": (weights * layers).sum(1).mean().item()}
+    logs = {"loss/policy": policy_loss.item(), "exit/mean": (share * layers).sum(1).mean().item()}
     if stage == 2:
         return policy_loss, logs
-    cls_loss = (weights * ce).sum(1).mean()  # consistent: CE only where the input exits
+    cls_loss = (share * ce).sum(1).mean()  # consistent: CE only where the input exits
     logs["loss/cls"] = cls_loss.item()
     return cls_loss + policy_loss, logs
 
 
-def reward_target(logits, labels, cfg):
-    """What the reward and the memorized layer measure the heads against: the labels, or the last
-    head's argmax."""
-    return labels if cfg.policy_target == "label" else logits[:, -1].detach().argmax(-1)
+def reward_target(logits, labels, target):
+    """What the reward and the memorized layer measure the heads against: the labels (target
+    "label"), or the last head's argmax ("full")."""
+    return labels if target == "label" else logits[:, -1].detach().argmax(-1)
 
 
 def best_exits(logits, target, memorized, alpha, reward):
@@ -153,12 +160,12 @@ class ExitRule:
 
     def needs_head(self, config):
         """
-        Whether deciding needs the exit head's output at every layer. The policy reads the exit state only
-        (pi_l(s_l), a C x 32 MLP, far cheaper than a layer), so the head runs only at the layers where
-        some rows stop. A
-        confidence rule, or a policy that reads the head's confidence (config.policy_conf), needs the
-        head's whole output distribution: a C x n matmul for a classifier, but for a language model the
-        C x vocab LM head, as costly as several layers.
+        Whether deciding needs the exit head's output at every layer. The policy reads the exit
+        state only (pi_l(s_l), a C x 32 MLP, far cheaper than a layer), so the head runs only at the
+        layers where some rows stop. A confidence rule, or a policy that reads the head's
+        confidence (config.policy_conf), needs the head's whole output distribution: a C x n matmul
+        for a classifier, but for a language model the C x vocab LM head, as costly as several
+        layers.
         """
         return not self.needs_policy or config.policy_conf
 
@@ -167,11 +174,12 @@ class ExitRule:
             return p > self.param, memory
         if self.name == "static":
             return torch.full(logits.shape[:1], l + 1 >= self.param, device=logits.device), memory
-        if self.name == "patience":  # memory (B, 2): previous prediction, how many layers it has held
+        if self.name == "patience":  # memory (B, 2): previous prediction, layers it has held
             pred = logits.argmax(-1)
-            count = torch.zeros_like(pred) if memory is None else (memory[:, 1] + 1) * (pred == memory[:, 0])
+            count = (torch.zeros_like(pred) if memory is None
+                     else (memory[:, 1] + 1) * (pred == memory[:, 0]))
             return count >= self.param, torch.stack([pred, count], 1)
-        top, entropy = confidence(logits)  # a confidence rule needs the whole head output at every layer
+        top, entropy = confidence(logits)  # needs the whole head output at every layer
         return (entropy < self.param if self.name == "entropy" else top > self.param), memory
 
 
@@ -179,7 +187,8 @@ def exit_layers(rule, logits, p=None):
     """
     Where each input would exit under `rule`, from every layer's outputs computed in one full pass.
     logits (B, L, n), p (B, L) policy probabilities -> exits (B,) long in 1..L. The same decide() as
-    early_exit, so the two agree exactly; a sweep over thresholds then costs no extra forward passes.
+    early_exit, so the two agree exactly; a sweep over thresholds then costs no extra forward
+    passes.
     """
     B, L, _ = logits.shape
     exits = torch.full((B,), L, dtype=torch.long, device=logits.device)
@@ -194,9 +203,9 @@ def exit_layers(rule, logits, p=None):
 @torch.inference_mode()
 def early_exit(model, input_ids, attention_mask, rule):
     """
-    Batched early-exit inference with an Encoder in eval mode: run layer after layer, and after each one
-    remove the rows that exit (compaction), so deeper layers only compute the inputs still running, and
-    of those only their real tokens (Encoder.real_tokens).
+    Batched early-exit inference with an Encoder in eval mode: run layer after layer, and after
+    each one remove the rows that exit (compaction), so deeper layers only compute the inputs still
+    running, and of those only their real tokens (Encoder.real_tokens).
     Returns preds (B,) and exit layers (B,) 1..L in the original row order.
     """
     model.check_ids(input_ids)
@@ -210,7 +219,8 @@ def _early_exit(model, input_ids, attention_mask, rule):
     # The host keeps the books (who runs, which tokens are real), so that a layer needs one transfer
     # from the device at most; on the CPU .cpu() and .to() return the tensor itself.
     mask = None if attention_mask is None else attention_mask.cpu()
-    tokens = to_device(model.real_tokens(mask), input_ids.device)  # layers skip the padding, see real_tokens
+    # the layers skip the padding, see real_tokens
+    tokens = to_device(model.real_tokens(mask), input_ids.device)
     x = model.embed(input_ids, tokens=tokens)  # (B, T, C), or the real tokens (N, C)
     bias, weights = model.attn_bias(attention_mask), model.pool_weights(attention_mask)
     rows = torch.arange(input_ids.size(0), device=x.device)  # original index of each running row
@@ -218,13 +228,13 @@ def _early_exit(model, input_ids, attention_mask, rule):
     memory, head_every_layer = None, rule.needs_head(model.config)
     for l in range(L):
         x = model.run_layer(l, x, bias, tokens)
-        h = x if tokens is None else unpack(x, tokens, len(rows), T)  # (b, T, C), b = rows still running
+        h = x if tokens is None else unpack(x, tokens, len(rows), T)  # (b, T, C), b rows running
         s = model.exit_state(h, weights)  # (b, C)
         logits = model.exit_logits(l, s) if head_every_layer else None  # (b, n), see needs_head
         if l < L - 1:
             p = model.policies[l](model.policy_input(s, logits)) if rule.needs_policy else None
             stop, memory = rule.decide(l, logits, p, memory)
-            leaving = stop.tolist()  # the one host synchronisation per layer: who stops, as Python bools
+            leaving = stop.tolist()  # the one host synchronisation per layer: who stops
             n_stop = sum(leaving)
             if n_stop == 0:  # nobody: nothing to record, nothing to drop
                 continue
@@ -254,20 +264,24 @@ def to_device(t, device):
 
 def sweep(name, params, logits, labels, p=None):
     """
-    Accuracy and mean exit layer of one rule at each of its params, from precomputed layer outputs, and
-    the agreement with the model's own full-depth prediction (for a language model: would greedy decoding
-    at full depth have picked the same token?).
-    logits (B, L, n), labels (B,), p (B, L) -> [{"name", "param", "accuracy", "agreement", "avg_layers", "speedup"}]
+    Accuracy and mean exit layer of one rule at each of its params, from precomputed layer
+    outputs, and the agreement with the model's own full-depth prediction (for a language model:
+    would greedy decoding at full depth have picked the same token?).
+    logits (B, L, n), labels (B,), p (B, L)
+    -> [{"name", "param", "accuracy", "agreement", "avg_layers", "speedup"}]
     """
     B, L, _ = logits.shape
     full = logits[:, -1].argmax(-1)  # (B,)
     points = []
     for v in params:
         exits = exit_layers(ExitRule(name, v), logits, p)  # (B,)
-        preds = logits[torch.arange(B, device=logits.device), exits - 1].argmax(-1)  # (B,) each exit head's answer
+        # (B,) each input's answer, by the head it exits at
+        preds = logits[torch.arange(B, device=logits.device), exits - 1].argmax(-1)
         avg = exits.float().mean().item()
-        points.append({"name": name, "param": v, "accuracy": (preds == labels).float().mean().item(),
-                       "agreement": (preds == full).float().mean().item(), "avg_layers": avg, "speedup": L / avg})
+        points.append({"name": name, "param": v,
+                       "accuracy": (preds == labels).float().mean().item(),
+                       "agreement": (preds == full).float().mean().item(),
+                       "avg_layers": avg, "speedup": L / avg})
     return points
 
 
@@ -283,14 +297,16 @@ def grids(L, n_labels, threshold=0.5):
 
 
 def best_speedups(methods, full_accuracy):
-    """Each method's best speed-up at no accuracy loss, within 1 point of full depth, and with at least
-    90% of its answers the full-depth model's."""
+    """Each method's best speed-up at no accuracy loss, within 1 point of full depth, and with at
+    least 90% of its answers the full-depth model's."""
     out = {}
     for name in dict.fromkeys(m["name"] for m in methods):
         pts = [m for m in methods if m["name"] == name]
-        out[name] = {regime: max((m["speedup"] for m in pts if m["accuracy"] >= full_accuracy - tol), default=None)
+        out[name] = {regime: max((m["speedup"] for m in pts
+                                  if m["accuracy"] >= full_accuracy - tol), default=None)
                      for regime, tol in (("no_loss", 1e-9), ("within_1_point", 0.01))}
-        out[name]["agreement_0.9"] = max((m["speedup"] for m in pts if m["agreement"] >= 0.9), default=None)
+        out[name]["agreement_0.9"] = max((m["speedup"] for m in pts if m["agreement"] >= 0.9),
+                                         default=None)
     return out
 
 

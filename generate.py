@@ -4,25 +4,26 @@ Generate text with a GPT-2 style Decoder, each token choosing its own exit layer
     python generate.py --ckpt=PATH --prompt="The movie was" --exit=policy
     python generate.py --ckpt=PATH --prompt="..." --exit=speculative --json
 
---ckpt is a Hugging Face GPT-2 folder (its exit policies are then untrained) or a decoder checkpoint.
---exit picks how deep each generated token goes:
+--ckpt is a Hugging Face GPT-2 folder (its exit policies are then untrained) or a decoder
+checkpoint of train.py --task=lm. --exit picks how deep each generated token goes:
   none         every layer (plain greedy or sampled decoding with a KV cache)
   policy       the first layer whose exit policy says p > threshold (ConsistentEE, token level)
   confidence   the first layer whose exit head's top probability > threshold (CALM's softmax rule)
-  speculative  draft draft_len tokens with policy exits, verify them with the full model in one pass,
-               keep the agreeing prefix (self-speculative decoding, LayerSkip, Elhoushi et al. 2024):
-               greedy output identical to --exit=none, whatever the policy (in fp32; under CUDA's
-               bf16 a near-tie may round differently in the batched verification); with
-               --temperature > 0, speculative sampling: tokens distributed as full-depth sampling's.
-A token that exits early leaves its skipped layers without keys/values, which later tokens attend to.
---kv picks how they are filled:
-  copy   state copying (CALM, Schuster et al. 2022): at once, from the exited state (Decoder.copy_state_up)
-  defer  deferred fill (FREE, Bae et al. 2023): the token's skipped layers run later, batched with the
-         next token that goes deeper, just before it needs them; they get the keys and values full
-         depth would have given them.
+  speculative  draft draft_len tokens with policy exits, verify them with the full model in one
+               pass, keep the agreeing prefix (self-speculative decoding, LayerSkip, Elhoushi et
+               al. 2024): greedy output identical to --exit=none, whatever the policy (in fp32;
+               under CUDA's bf16 a near-tie may round differently in the batched verification);
+               with --temperature > 0, speculative sampling: tokens distributed as full depth's.
+A token that exits early leaves its skipped layers without keys/values, which later tokens attend
+to. --kv picks how they are filled:
+  copy   state copying (CALM, Schuster et al. 2022): at once, from the exited state
+         (Decoder.copy_state_up)
+  defer  deferred fill (FREE, Bae et al. 2023): the token's skipped layers run later, batched with
+         the next token that goes deeper, just before it needs them; they get the keys and values
+         full depth would have given them.
+Generation stops when the model's context (its position table) is full, and says so.
 """
 import json
-import os
 import sys
 import time
 from dataclasses import dataclass
@@ -32,8 +33,14 @@ import torch.nn.functional as F
 
 import cee
 import data
-from model import Config, Decoder
-from train import overrides, pick_device
+from common import load_model, overrides, pick_device
+from model import Decoder
+
+PROG = "generate.py"
+
+
+# -----------------------------------------------------------------------------
+# options
 
 
 @dataclass
@@ -41,41 +48,36 @@ class GenConfig:
     ckpt: str = ""               # a Hugging Face GPT-2 folder or a decoder checkpoint (.pt)
     prompt: str = ""
     exit: str = "none"           # none | policy | confidence | speculative
-    kv: str = "copy"             # copy | defer: how the skipped layers of an early exit get their keys/values
-                                 # (speculative drafts always defer: the verification completes them)
+    kv: str = "copy"             # copy | defer: how an early exit's skipped layers get keys/values
+                                 # (speculative drafts always defer: verification completes them)
     max_new_tokens: int = 50
     temperature: float = 0.0     # 0 = greedy
     top_k: int = 0               # sample from the k most likely tokens only; 0 = all
-    threshold: float = 0.5       # exit when the policy's probability (or the head's top probability) exceeds it
-    draft_len: int = 4           # speculative: tokens drafted per verification (the fastest of 3..8 on the LM)
+    threshold: float = 0.5       # exit when the policy's probability (or the head's top
+                                 # probability) exceeds it
+    draft_len: int = 4           # speculative: tokens drafted per verification (the fastest of
+                                 # 3..8 on the LM)
     seed: int = 1337
     device: str = "auto"
     json: bool = False           # print one JSON object instead of text and a statistics line
 
 
 def parse_args(argv):
-    cfg = overrides(GenConfig(), argv, "generate.py", __doc__)
+    cfg = overrides(GenConfig(), argv, PROG, __doc__)
     for ok, msg in [(cfg.exit in ("none", "policy", "confidence", "speculative"),
                      f"unknown --exit={cfg.exit}; use none, policy, confidence or speculative"),
                     (cfg.kv in ("copy", "defer"), f"unknown --kv={cfg.kv}; use copy or defer"),
                     (cfg.ckpt, "--ckpt is required"), (cfg.prompt, "the prompt is empty"),
-                    (cfg.max_new_tokens > 0, "--max_new_tokens must be > 0"), (cfg.temperature >= 0, "--temperature >= 0"),
+                    (cfg.max_new_tokens > 0, "--max_new_tokens must be > 0"),
+                    (cfg.temperature >= 0, "--temperature >= 0"),
                     (cfg.draft_len >= 1, "--draft_len >= 1"), (cfg.top_k >= 0, "--top_k >= 0")]:
         if not ok:
-            raise SystemExit(f"generate.py: {msg}")
+            raise SystemExit(f"{PROG}: {msg}")
     return cfg
 
 
-def load_decoder(path, device):
-    """A Decoder from a Hugging Face GPT-2 folder or from a checkpoint file holding model and model_config."""
-    if os.path.isdir(path):
-        return Decoder.from_pretrained(path).to(device).eval()
-    ckpt = torch.load(path, map_location=device, weights_only=True)
-    if "heads.0.weight" in ckpt["model"]:
-        raise ValueError(f"{path} is a checkpoint of a classification encoder; generate.py needs a decoder")
-    model = Decoder(Config(**ckpt["model_config"]))
-    model.load_state_dict(ckpt["model"])
-    return model.to(device).eval()
+# -----------------------------------------------------------------------------
+# one token at a time, each at its own exit layer
 
 
 def probs(logits, temperature, top_k):
@@ -99,47 +101,48 @@ def next_token(logits, temperature, top_k, generator):
 
 def step(model, tok, cache, pos, rule, pending=None, finished=None, folded=None):
     """
-    Run one token (B, 1) at position pos layer by layer until `rule` lets it exit (rule None: never).
-    Returns (logits (B, vocab), exit layer 1..L). Its skipped layers' keys/values: with pending None,
-    state copying, now (folded: model.folded_kv() of the current weights; None computes it here, the
-    cost of every layer's K/V weights). With a list (B = 1), deferred fill: the token waits in pending
-    as (position, state (1, 1, C), next layer); when a later token reaches that layer, the waiting tokens
-    due there join its rows and go on with it, until it stops (then they wait again) or ends at layer L.
-    finished, a dict: every row that ends at layer L leaves there {position: full-depth logits (B, vocab)}.
+    Run one token (B, 1) at position pos layer by layer until `rule` lets it exit (rule None:
+    never). Returns (logits (B, vocab), exit layer 1..L). Its skipped layers' keys/values: with
+    pending None, state copying, now (folded: model.folded_kv() of the current weights; None
+    computes it here, the cost of every layer's K/V weights). With a list (B = 1), deferred fill:
+    the token waits in pending as (position, state (1, 1, C), next layer); when a later token
+    reaches that layer, the waiting tokens due there join its rows and go on with it, until it
+    stops (then they wait again) or ends at layer L.
+    finished, a dict: every row that ends at layer L leaves there {position: full-depth logits
+    (B, vocab)}.
     """
     L = model.config.n_layer
-    x, rows = model.embed(tok, pos), [pos]  # rows: the position of each row of x; the token is the last
+    x, positions = model.embed(tok, pos), [pos]  # of each row of x; the token's is the last
     for l in range(L):
         due = [w for w in pending or [] if w[2] == l]
-        if due:  # deferred fill: their layer l runs in this token's batch, before its attention reads them
+        if due:  # deferred fill: their layer l runs in this token's batch, before attention
             pending[:] = [w for w in pending if w[2] != l]
-            x, rows = torch.cat([w[1] for w in due] + [x], 1), [w[0] for w in due] + rows
-        x = model.run_layer(l, x, cache, pos if len(rows) == 1 else rows)  # (B, rows, C)
+            x, positions = torch.cat([w[1] for w in due] + [x], 1), [w[0] for w in due] + positions
+        x = model.run_layer(l, x, cache, pos if len(positions) == 1 else positions)  # (B, rows, C)
         if rule is None or l == L - 1:
             continue
         state = x[:, -1]  # (B, C)
-        logits = model.exit_logits(state) if rule.needs_head(model.config) else None  # the C x vocab LM head
+        # the C x vocab LM head, only when the rule needs it
+        logits = model.exit_logits(state) if rule.needs_head(model.config) else None
         p = model.policies[l](model.policy_input(state, logits)) if rule.needs_policy else None
         stop, _ = rule.decide(l, logits, p, None)
         if stop.all():  # the one host synchronisation per layer
             if pending is None:
                 model.copy_state_up(l, x, cache, pos, folded)
             else:
-                pending += [(r, x[:, i:i + 1], l + 1) for i, r in enumerate(rows)]
+                pending += [(r, x[:, i:i + 1], l + 1) for i, r in enumerate(positions)]
             return (model.exit_logits(state) if logits is None else logits), l + 1
     if finished is None:
         return model.exit_logits(x[:, -1]), L
     logits = model.exit_logits(x)  # (B, rows, vocab)
-    finished.update({r: logits[:, i] for i, r in enumerate(rows)})
+    finished.update({r: logits[:, i] for i, r in enumerate(positions)})
     return logits[:, -1], L
 
 
 def prefill(model, idx, cache):
-    """Every layer over the prompt (B, T), filling the cache; the last position's logits (B, vocab)."""
-    x = model.embed(idx)
-    for l in range(model.config.n_layer):
-        x = model.run_layer(l, x, cache)
-    return model.exit_logits(x[:, -1])
+    """Every layer over the prompt (B, T), filling the cache; the last position's logits
+    (B, vocab)."""
+    return model.exit_logits(model.run_layers(model.embed(idx), cache)[:, -1])
 
 
 @torch.inference_mode()
@@ -147,22 +150,32 @@ def generate(model, idx, max_new_tokens, exit="none", threshold=0.5, temperature
              draft_len=4, generator=None, kv="copy"):
     """
     Continue idx (1, T); kv = "copy" or "defer" fills the skipped layers (see step). Returns
-    (new token ids (1, n), stats dict with mean_exit_layer and accepted_per_draft). Stops early when
-    the position table is full.
+    (new token ids (1, n), stats dict with mean_exit_layer, accepted_per_draft and context_full).
+    Stops early when the position table is full, and says so in stats["context_full"].
     """
     model.check_ids(idx)
     if idx.size(1) >= model.config.block_size:
-        raise ValueError(f"the prompt has {idx.size(1)} tokens; the model's context is {model.config.block_size}")
-    max_new_tokens = min(max_new_tokens, model.config.block_size - idx.size(1))
+        raise ValueError(f"the prompt has {idx.size(1)} tokens; the model's context is "
+                         f"{model.config.block_size}")
+    room = model.config.block_size - idx.size(1)
+    new, stats = _generate(model, idx, min(max_new_tokens, room), exit, threshold, temperature,
+                           top_k, draft_len, generator, kv)
+    return new, stats | {"context_full": max_new_tokens > room}
+
+
+def _generate(model, idx, max_new_tokens, exit, threshold, temperature, top_k, draft_len,
+              generator, kv):
     cuda = idx.device.type == "cuda"
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
         if exit == "speculative":
             rule = cee.ExitRule("consistentee", threshold)
-            return speculative(model, idx, max_new_tokens, rule, draft_len, temperature, top_k, generator)
+            return speculative(model, idx, max_new_tokens, rule, draft_len, temperature, top_k,
+                               generator)
         rule = {"none": None, "policy": cee.ExitRule("consistentee", threshold),
                 "confidence": cee.ExitRule("maxprob", threshold)}[exit]
         cache = model.new_cache(idx.size(0), idx.size(1) + max_new_tokens)
-        logits, out, exits, pending = prefill(model, idx, cache), [], [], [] if kv == "defer" else None
+        logits, out, exits = prefill(model, idx, cache), [], []
+        pending = [] if kv == "defer" else None
         folded = model.folded_kv() if rule and kv == "copy" else None
         for pos in range(idx.size(1), idx.size(1) + max_new_tokens):
             tok = next_token(logits, temperature, top_k, generator)  # (B, 1)
@@ -174,20 +187,26 @@ def generate(model, idx, max_new_tokens, exit="none", threshold=0.5, temperature
     return torch.cat(out, 1), {"mean_exit_layer": mean_exit, "accepted_per_draft": None}
 
 
-def speculative(model, idx, max_new_tokens, rule, draft_len, temperature=0.0, top_k=0, generator=None):
+# -----------------------------------------------------------------------------
+# self-speculative decoding
+
+
+def speculative(model, idx, max_new_tokens, rule, draft_len, temperature=0.0, top_k=0,
+                generator=None):
     """
-    Self-speculative decoding. The last accepted token `last` sits at position q, every token before it
-    has full-depth K/V. Draft k tokens from `last` with early exits, each drawn from its exit head's
-    distribution q_i; then verify: run d_k through every layer, and with it (deferred fill) the layers
-    that [last, d_1..d_{k-1}] skipped. The drafts' first layers are not run again (as in LayerSkip), and
-    every draft ends with its full-depth K/V and the full model's distribution p_1..p_{k+1}. Keep d_i with probability
-    min(1, p_i(d_i) / q_i(d_i)); at the first refusal draw from max(0, p_i - q_i), normalised; if all are
-    kept, draw from p_{k+1}. Every token is then distributed exactly as full-depth sampling would draw it
-    (speculative sampling, Leviathan et al. 2023; Chen et al. 2023). Greedy (temperature 0): p and q put
-    all their mass on one token, so d_i is kept while it is the full model's choice, and the output is
+    Self-speculative decoding. The last accepted token `last` sits at position q, every token
+    before it has full-depth K/V. Draft k tokens from `last` with early exits, each drawn from its
+    exit head's distribution q_i; then verify: run d_k through every layer, and with it (deferred
+    fill) the layers that [last, d_1..d_{k-1}] skipped. The drafts' first layers are not run again
+    (as in LayerSkip), and every draft ends with its full-depth K/V and the full model's
+    distribution p_1..p_{k+1}. Keep d_i with probability min(1, p_i(d_i) / q_i(d_i)); at the first
+    refusal draw from max(0, p_i - q_i), normalised; if all are kept, draw from p_{k+1}. Every
+    token is then distributed exactly as full-depth sampling would draw it (speculative sampling,
+    Leviathan et al. 2023; Chen et al. 2023). Greedy (temperature 0): p and q put all their mass
+    on one token, so d_i is kept while it is the full model's choice, and the output is
     token for token full-depth greedy decoding.
     The drafts always use deferred fill: it is what the verification completes, and state copying
-    would be wasted work (measured before the verification reused the drafts: 1.14x instead of 1.44x).
+    would be wasted work (before the verification reused the drafts: 1.14x instead of 1.44x).
     """
     cache = model.new_cache(idx.size(0), idx.size(1) + max_new_tokens + draft_len)
     if idx.size(1) > 1:
@@ -202,8 +221,8 @@ def speculative(model, idx, max_new_tokens, rule, draft_len, temperature=0.0, to
             tok = next_token(logits, temperature, top_k, generator)  # (1, 1)
             drafts.append(tok)
             exits.append(e)
-        step(model, tok, cache, q + k, None, pending, finished)  # the verification: nothing is left pending
-        full = torch.cat([finished[q + i] for i in range(k + 1)])  # (k+1, vocab): after last, d_1, .., d_k
+        step(model, tok, cache, q + k, None, pending, finished)  # verify: nothing is left pending
+        full = torch.cat([finished[q + i] for i in range(k + 1)])  # (k+1, vocab): after last, d_1..
         p_full = probs(full, temperature, top_k)
         n = 0
         for d, q_i, p_i in zip(drafts, q_draft, p_full):
@@ -221,44 +240,52 @@ def speculative(model, idx, max_new_tokens, rule, draft_len, temperature=0.0, to
                                                 "accepted_per_draft": sum(accepted) / len(accepted)}
 
 
+# -----------------------------------------------------------------------------
+# main
+
+
 @torch.no_grad()
 def agreement_with_full(model, idx, new):
     """Share of the new tokens that full-depth greedy decoding would pick after the same prefix."""
     seq = torch.cat([idx, new], 1)[:, :-1]
-    full = model(seq)[0][:, idx.size(1) - 1:].argmax(-1)  # (1, n) the full model's choice at each new position
+    full = model(seq)[0][:, idx.size(1) - 1:].argmax(-1)  # (1, n) full depth's choice at each
     return (full == new).float().mean().item()
 
 
 def main(argv):
     cfg = parse_args(argv)
-    device = pick_device(cfg.device)
-    try:
-        model = load_decoder(cfg.ckpt, device)
-    except (OSError, ValueError, KeyError, RuntimeError) as e:
-        raise SystemExit(f"generate.py: cannot load {cfg.ckpt}: {str(e).splitlines()[0]}") from None
-    try:  # GPT-2's BPE, or the shorter one of a train.py language model (its vocab_size tells which)
+    device = pick_device(cfg.device, PROG)
+    model = load_model(cfg.ckpt, PROG, device, kind=Decoder)[0].eval()
+    try:  # GPT-2's BPE, or the shorter one of a train.py language model (vocab_size tells which)
         enc = data.gpt2_tokenizer(min(model.config.vocab_size, data.EOT + 1))
     except ValueError as e:
-        raise SystemExit(f"generate.py: the model's vocabulary does not fit: {e}") from None
+        raise SystemExit(f"{PROG}: the model's vocabulary does not fit: {e}") from None
     idx = torch.tensor([enc.encode_ordinary(cfg.prompt)], device=device)
-    if idx.size(1) >= model.config.block_size:
-        raise SystemExit(f"generate.py: the prompt has {idx.size(1)} tokens, the context is {model.config.block_size}")
+    T = model.config.block_size
+    if idx.size(1) >= T:
+        raise SystemExit(f"{PROG}: the prompt has {idx.size(1)} tokens, the context is {T}")
     g = torch.Generator(device=device).manual_seed(cfg.seed)
     t0 = time.perf_counter()
-    new, stats = generate(model, idx, cfg.max_new_tokens, cfg.exit, cfg.threshold, cfg.temperature, cfg.top_k,
-                          cfg.draft_len, g, cfg.kv)
+    new, stats = generate(model, idx, cfg.max_new_tokens, cfg.exit, cfg.threshold, cfg.temperature,
+                          cfg.top_k, cfg.draft_len, g, cfg.kv)
     seconds = time.perf_counter() - t0
-    report = {"text": enc.decode(new[0].tolist()), "tokens": new.size(1), "tokens_per_s": new.size(1) / seconds,
-              "mean_exit_layer": stats["mean_exit_layer"], "agreement_with_full": agreement_with_full(model, idx, new),
+    if stats["context_full"]:  # never cut silently
+        print(f"{PROG}: stopped after {new.size(1)} of --max_new_tokens={cfg.max_new_tokens}: "
+              f"the model's context holds {T} tokens, {idx.size(1)} of them the prompt's",
+              file=sys.stderr)
+    report = {"text": enc.decode(new[0].tolist()), "tokens": new.size(1),
+              "tokens_per_s": new.size(1) / seconds, "mean_exit_layer": stats["mean_exit_layer"],
+              "agreement_with_full": agreement_with_full(model, idx, new),
               "accepted_per_draft": stats["accepted_per_draft"]}
     if cfg.json:
         print(json.dumps(report))
         return
     print(cfg.prompt + report["text"])
+    drafts = report["accepted_per_draft"]
     print(f"tokens {report['tokens']}, {report['tokens_per_s']:.1f} tokens/s, mean exit layer "
           f"{report['mean_exit_layer']:.2f} of {model.config.n_layer}, agreement with full depth "
-          f"{report['agreement_with_full']:.3f}" +
-          (f", accepted per draft {report['accepted_per_draft']:.2f}" if report["accepted_per_draft"] is not None else ""))
+          f"{report['agreement_with_full']:.3f}"
+          + ("" if drafts is None else f", accepted per draft {drafts:.2f}"))
 
 
 if __name__ == "__main__":

@@ -36,8 +36,9 @@ ACTIVATIONS = {  # Hugging Face's names for the MLP nonlinearity
 
 def unpack(x, tokens, B, T):
     """
-    Padding-free layout -> padded: x (N, D) holds the real tokens of B inputs, whose flat indices in the
-    (B, T) grid are tokens (N,); returns (B, T, D) with zeros at the padding. (Packing is x.view(B * T, D)[tokens].)
+    Padding-free layout -> padded: x (N, D) holds the real tokens of B inputs, whose flat indices in
+    the (B, T) grid are tokens (N,); returns (B, T, D) with zeros at the padding. (Packing is
+    x.view(B * T, D)[tokens].)
     """
     return x.new_zeros(B * T, x.size(-1)).index_copy_(0, tokens, x).view(B, T, -1)
 
@@ -52,7 +53,8 @@ class Config:
     block_size: int = 512         # the size of the position table: the longest input
     type_vocab_size: int = 2      # encoder only: BERT's segment embeddings
     n_labels: int = 2             # encoder only: classes of each exit head
-    pool: str = "mean"            # encoder only: exit state = "mean" of tokens or "cls" (first token + BERT pooler)
+    # encoder only: exit state = "mean" of tokens or "cls" (first token + BERT pooler)
+    pool: str = "mean"
     causal: bool = False          # encoder only: BERT configs with is_decoder=True attend causally
     act: str = "gelu"             # a key of ACTIVATIONS
     ln_eps: float = 1e-12
@@ -61,13 +63,15 @@ class Config:
     attn_scale: bool = True       # GPT-2's scale_attn_weights: divide scores by sqrt(head size)
     tie_lm_head: bool = True      # decoder only: the LM head shares the token embedding
     policy_hidden: int = 32       # width of the policy MLP (reference: 32)
-    policy_conf: bool = False     # the policy also reads the exit head's confidence (max prob, entropy)
+    # the policy also reads the exit head's confidence (max prob, entropy)
+    policy_conf: bool = False
 
     def __post_init__(self):
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd={self.n_embd} is not a multiple of n_head={self.n_head}")
         if self.act not in ACTIVATIONS:
-            raise ValueError(f"activation {self.act!r} is not supported; known: {', '.join(ACTIVATIONS)}")
+            raise ValueError(f"activation {self.act!r} is not supported; "
+                             f"known: {', '.join(ACTIVATIONS)}")
         if self.pool not in ("mean", "cls"):
             raise ValueError(f"pool must be 'mean' or 'cls', got {self.pool!r}")
 
@@ -82,33 +86,40 @@ class Attention(nn.Module):
         self.proj = nn.Linear(cfg.n_embd, cfg.n_embd)
         self.dropout = cfg.dropout
         head_size = cfg.n_embd // cfg.n_head
-        self.scale = (head_size ** -0.5 if cfg.attn_scale else 1.0) / ((layer + 1) if cfg.attn_scale_by_layer else 1)
+        self.scale = ((head_size ** -0.5 if cfg.attn_scale else 1.0)
+                      / ((layer + 1) if cfg.attn_scale_by_layer else 1))
 
     def forward(self, x, bias=None, causal=False, cache=None, pos=0, tokens=None):
         """
-        x (B, T, C) -> (B, T, C). pos: the position of x's first row, the others following it; or a list
-        of every row's position, for rows that are not consecutive (generate.py's deferred fill).
-        tokens: x holds only the real tokens (N, C) of a padded batch, at these flat indices (N,) of the
-        (B, T) grid of bias (B, 1, 1, T), which it needs: the projections skip the padding, attention
-        runs on the grid.
+        x (B, T, C) -> (B, T, C). pos: the position of x's first row, the others following it; or a
+        list of every row's position, for rows that are not consecutive (generate.py's deferred
+        fill).
+        tokens: x holds only the real tokens (N, C) of a padded batch, at these flat indices (N,) of
+        the (B, T) grid of bias (B, 1, 1, T), which it needs: the projections skip the padding,
+        attention runs on the grid.
         """
         qkv = self.qkv(x)
         if tokens is not None:
             qkv = unpack(qkv, tokens, bias.size(0), bias.size(-1))
         B, T, C = qkv.size(0), qkv.size(1), qkv.size(2) // 3
         q, k, v = qkv.split(C, dim=2)
-        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, H, T, D)
+        # (B, H, T, D)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
         rows = range(pos, pos + T) if isinstance(pos, int) else pos
         if cache is not None:  # cache: this layer's (k, v) buffers, each (B, H, T_max, D)
             where = slice(pos, pos + T) if isinstance(pos, int) else list(pos)
             cache[0][:, :, where] = k
             cache[1][:, :, where] = v
-            k, v = cache[0][:, :, :max(rows) + 1], cache[1][:, :, :max(rows) + 1]  # (B, H, last position + 1, D)
+            # (B, H, last position + 1, D)
+            k, v = cache[0][:, :, :max(rows) + 1], cache[1][:, :, :max(rows) + 1]
         prefix = causal and rows == range(T)  # rows 0..T-1: SDPA's own causal mask
-        if causal and T > 1 and not prefix:  # the row at position p sees the keys 0..p (a lone row sees all)
-            bias = torch.arange(max(rows) + 1, device=x.device) <= torch.tensor(rows, device=x.device)[:, None]
+        # the row at position p sees the keys 0..p (a lone row sees all)
+        if causal and T > 1 and not prefix:
+            bias = (torch.arange(max(rows) + 1, device=x.device)
+                    <= torch.tensor(rows, device=x.device)[:, None])
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, is_causal=prefix and T > 1,
-                                           dropout_p=self.dropout if self.training else 0.0, scale=self.scale)
+                                           dropout_p=self.dropout if self.training else 0.0,
+                                           scale=self.scale)
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
         if tokens is not None:
             y = y.view(B * T, C)[tokens]  # (N, C)
@@ -157,16 +168,18 @@ class DecoderBlock(nn.Module):
 class Policy(nn.Module):
     """
     pi_l(s_l): the probability of exiting at layer l (reference: C -> 32 -> 1, GELU, sigmoid).
-    With cfg.policy_conf it also reads the exit head's max probability and entropy: C + 2 -> 32 -> 1.
-    Early exit runs it between every two layers, so it is kept cheap: its GELU is the tanh form (on 32
-    numbers the exact, erf, GELU costs about 3x more on a CPU), and forward applies net's weights as
-    functions (on a CPU each nn.Module call costs microseconds, as much as a matmul this small).
+    With cfg.policy_conf it also reads the exit head's max probability and entropy:
+    C + 2 -> 32 -> 1. Early exit runs it between every two layers, so it is kept cheap: its GELU is
+    the tanh form (on 32 numbers the exact, erf, GELU costs about 3x more on a CPU), and forward
+    applies net's weights as functions (on a CPU each nn.Module call costs microseconds, as much as
+    a matmul this small).
     """
 
     def __init__(self, cfg):
         super().__init__()
         n_in = cfg.n_embd + (2 if cfg.policy_conf else 0)
-        self.net = nn.Sequential(nn.Linear(n_in, cfg.policy_hidden), nn.GELU("tanh"), nn.Linear(cfg.policy_hidden, 1))
+        self.net = nn.Sequential(nn.Linear(n_in, cfg.policy_hidden), nn.GELU("tanh"),
+                                 nn.Linear(cfg.policy_hidden, 1))
 
     def forward(self, x):  # x (B, n_in) -> (B,)
         fc, gelu, out = self.net
@@ -184,13 +197,27 @@ class Backbone(nn.Module):
     """What both models share: blocks, exit policies, input checks and weight loading."""
 
     def policy_input(self, state, logits):
-        """The policy's view of one layer: the exit state, plus the head's confidence if configured."""
+        """
+        The policy's view of one layer: the exit state, plus the head's confidence if configured.
+        """
         if not self.config.policy_conf:
             return state
-        return torch.cat([state, torch.stack(confidence(logits), -1).to(state.dtype)], -1)  # (..., C+2)
+        # (..., C+2)
+        return torch.cat([state, torch.stack(confidence(logits), -1).to(state.dtype)], -1)
+
+    def run_layers(self, x, *args, n=None, every=False):
+        """
+        Layers 1..n (all by default) on the embedding output x, each run_layer(l, x, *args); the
+        last output, or with every=True the list [x, layer 1 output, ..., layer n output].
+        """
+        states = [x]
+        for l in range(self.config.n_layer if n is None else n):
+            states.append(self.run_layer(l, states[-1], *args))
+        return states if every else states[-1]
 
     def check_ids(self, idx):
-        lo, hi = [v.item() for v in torch.aminmax(idx)] if idx.numel() else (0, 0)  # one pass over the ids
+        # one pass over the ids
+        lo, hi = [v.item() for v in torch.aminmax(idx)] if idx.numel() else (0, 0)
         if lo < 0 or hi >= self.config.vocab_size:
             raise ValueError(f"token ids must lie in [0, {self.config.vocab_size}), got {lo}..{hi}")
         if idx.size(1) > self.config.block_size:
@@ -199,12 +226,15 @@ class Backbone(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path, **overrides):
-        """Load a local Hugging Face folder (config.json + model.safetensors or pytorch_model.bin)."""
+        """
+        Load a local Hugging Face folder (config.json + model.safetensors or pytorch_model.bin).
+        """
         hf, keys = read_checkpoint(path)
         kind = hf.get("model_type")
         if kind != cls.model_type:
             other = {"bert": "Encoder", "gpt2": "Decoder"}.get(kind)
-            hint = f"; use {other}.from_pretrained" if other else "; only BERT and GPT-2 are supported"
+            hint = (f"; use {other}.from_pretrained" if other
+                    else "; only BERT and GPT-2 are supported")
             raise ValueError(f"{path} holds a {kind!r} checkpoint, not {cls.model_type!r}{hint}")
         model = cls(cls.config_from_hf(hf, **overrides))
         load_weights(model, keys, cls.key_map(model.config), path)
@@ -213,6 +243,11 @@ class Backbone(nn.Module):
 
 class Encoder(Backbone):
     model_type = "bert"
+
+    @property
+    def n_out(self):
+        """The width of an exit head's output: the classes."""
+        return self.config.n_labels
 
     def __init__(self, cfg):
         super().__init__()
@@ -224,7 +259,8 @@ class Encoder(Backbone):
         self.blocks = nn.ModuleList(EncoderBlock(cfg, l) for l in range(cfg.n_layer))
         self.pooler = nn.Linear(cfg.n_embd, cfg.n_embd) if cfg.pool == "cls" else None
         self.heads = nn.ModuleList(nn.Linear(cfg.n_embd, cfg.n_labels) for _ in range(cfg.n_layer))
-        self.policies = nn.ModuleList(Policy(cfg) for _ in range(cfg.n_layer - 1))  # the last layer always exits
+        # the last layer always exits
+        self.policies = nn.ModuleList(Policy(cfg) for _ in range(cfg.n_layer - 1))
         self.apply(init_weights)
 
     def embed(self, input_ids, token_type_ids=None, tokens=None):
@@ -240,9 +276,9 @@ class Encoder(Backbone):
     @staticmethod
     def real_tokens(attention_mask):
         """
-        The flat indices (N,) of the real tokens in the mask's (B, T) grid; None when nothing is padding.
-        Layers given them skip the padding (all but attention run on the N real tokens only): a batch of
-        sentences padded to its longest is often half padding.
+        The flat indices (N,) of the real tokens in the mask's (B, T) grid; None when nothing is
+        padding. Layers given them skip the padding (all but attention run on the N real tokens
+        only): a batch of sentences padded to its longest is often half padding.
         """
         if attention_mask is None or attention_mask.all():
             return None
@@ -250,7 +286,9 @@ class Encoder(Backbone):
 
     @staticmethod
     def attn_bias(attention_mask):
-        """(B, T) of 1 = token, 0 = padding -> (B, 1, 1, T) boolean, True where attention may look."""
+        """
+        (B, T) of 1 = token, 0 = padding -> (B, 1, 1, T) boolean, True where attention may look.
+        """
         if attention_mask is None:
             return None
         return attention_mask[:, None, None, :].bool()
@@ -259,7 +297,10 @@ class Encoder(Backbone):
         return self.blocks[l](x, bias, tokens)  # (B, T, C), or (N, C) with tokens
 
     def pool_weights(self, attention_mask):
-        """(B, T) of 1 = token, 0 = padding -> (B, 1, T): each token's weight in its input's mean; None -> None."""
+        """
+        (B, T) of 1 = token, 0 = padding -> (B, 1, T): each token's weight in its input's mean;
+        None -> None.
+        """
         if attention_mask is None:
             return None
         m = attention_mask.to(self.wte.weight.dtype)  # the dtype of the states it pools
@@ -268,7 +309,8 @@ class Encoder(Backbone):
     def exit_state(self, h, weights=None):
         """
         s_l: what exit head l and policy l read from the layer's token states h (B, T, C) -> (B, C).
-        weights: pool_weights(attention_mask), computed once per batch; None: the mean of all T positions.
+        weights: pool_weights(attention_mask), computed once per batch; None: the mean of all T
+        positions.
         """
         if self.pooler is not None:
             return torch.tanh(self.pooler(h[:, 0]))
@@ -278,12 +320,14 @@ class Encoder(Backbone):
         return self.heads[l](F.dropout(state, self.config.dropout, self.training))  # (B, n_labels)
 
     def layer_states(self, input_ids, attention_mask=None, token_type_ids=None):
-        """[embedding output, layer 1 output, ..., layer L output], each (B, T, C), zeros at the padding."""
+        """
+        [embedding output, layer 1 output, ..., layer L output], each (B, T, C), zeros at the
+        padding.
+        """
         self.check_ids(input_ids)
         tokens, bias = self.real_tokens(attention_mask), self.attn_bias(attention_mask)
-        states = [self.embed(input_ids, token_type_ids, tokens)]
-        for l in range(self.config.n_layer):
-            states.append(self.run_layer(l, states[-1], bias, tokens))
+        states = self.run_layers(self.embed(input_ids, token_type_ids, tokens), bias, tokens,
+                                 every=True)
         return states if tokens is None else [unpack(x, tokens, *input_ids.shape) for x in states]
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None):
@@ -297,13 +341,15 @@ class Encoder(Backbone):
     @staticmethod
     def config_from_hf(hf, **overrides):
         if hf.get("position_embedding_type", "absolute") != "absolute":
-            raise ValueError(f"position_embedding_type {hf['position_embedding_type']!r} is not supported")
-        return Config(n_layer=hf["num_hidden_layers"], n_head=hf["num_attention_heads"], n_embd=hf["hidden_size"],
-                      n_inner=hf["intermediate_size"], vocab_size=hf["vocab_size"],
-                      block_size=hf["max_position_embeddings"], type_vocab_size=hf.get("type_vocab_size", 2),
+            raise ValueError(f"position_embedding_type {hf['position_embedding_type']!r} "
+                             "is not supported")
+        return Config(n_layer=hf["num_hidden_layers"], n_head=hf["num_attention_heads"],
+                      n_embd=hf["hidden_size"], n_inner=hf["intermediate_size"],
+                      vocab_size=hf["vocab_size"], block_size=hf["max_position_embeddings"],
+                      type_vocab_size=hf.get("type_vocab_size", 2),
                       act=hf.get("hidden_act", "gelu"), ln_eps=hf.get("layer_norm_eps", 1e-12),
-                      dropout=hf.get("hidden_dropout_prob", 0.1), causal=hf.get("is_decoder", False),
-                      **overrides)
+                      dropout=hf.get("hidden_dropout_prob", 0.1),
+                      causal=hf.get("is_decoder", False), **overrides)
 
     @staticmethod
     def key_map(cfg):
@@ -311,11 +357,13 @@ class Encoder(Backbone):
         m = {"wte.weight": ["embeddings.word_embeddings.weight"],
              "wpe.weight": ["embeddings.position_embeddings.weight"],
              "wtt.weight": ["embeddings.token_type_embeddings.weight"],
-             "ln_e.weight": ["embeddings.LayerNorm.weight"], "ln_e.bias": ["embeddings.LayerNorm.bias"]}
+             "ln_e.weight": ["embeddings.LayerNorm.weight"],
+             "ln_e.bias": ["embeddings.LayerNorm.bias"]}
         for l in range(cfg.n_layer):
             b, h = f"blocks.{l}.", f"encoder.layer.{l}."
             for p in ("weight", "bias"):
-                m[b + "attn.qkv." + p] = [h + f"attention.self.{n}.{p}" for n in ("query", "key", "value")]
+                m[b + "attn.qkv." + p] = [h + f"attention.self.{n}.{p}"
+                                          for n in ("query", "key", "value")]
                 m[b + "attn.proj." + p] = [h + "attention.output.dense." + p]
                 m[b + "ln_1." + p] = [h + "attention.output.LayerNorm." + p]
                 m[b + "mlp.fc." + p] = [h + "intermediate.dense." + p]
@@ -328,6 +376,11 @@ class Encoder(Backbone):
 
 class Decoder(Backbone):
     model_type = "gpt2"
+
+    @property
+    def n_out(self):
+        """The width of an exit head's output: the vocabulary."""
+        return self.config.vocab_size
 
     def __init__(self, cfg):
         super().__init__()
@@ -347,8 +400,8 @@ class Decoder(Backbone):
         return F.dropout(x, self.config.dropout, self.training)  # (B, T, C)
 
     def run_layer(self, l, x, cache=None, pos=0):
-        """Layer l on x (B, T, C) at positions pos..pos+T-1 (or at the list of positions pos); with a cache it
-        also fills layer l's K/V there."""
+        """Layer l on x (B, T, C) at positions pos..pos+T-1 (or at the list of positions pos); with
+        a cache it also fills layer l's K/V there."""
         return self.blocks[l](x, None if cache is None else cache[l], pos)
 
     def exit_logits(self, x):
@@ -358,55 +411,62 @@ class Decoder(Backbone):
     def copy_state_up(self, l, x, cache, pos, folded=None):
         """
         A token that exits after layer l (0-based) leaves layers l+1.. without keys/values at its
-        positions, yet later tokens attend to them. State copying (CALM, Schuster et al. 2022): treat the
-        exited state x (B, T, C) as the input of every skipped layer and write the K/V it gives, all the
-        skipped layers in one batched matmul (folded: folded_kv() of the current weights, computed once per
-        generation; None computes it here).
+        positions, yet later tokens attend to them. State copying (CALM, Schuster et al. 2022):
+        treat the exited state x (B, T, C) as the input of every skipped layer and write the K/V it
+        gives, all the skipped layers in one batched matmul (folded: folded_kv() of the current
+        weights, computed once per generation; None computes it here).
         """
         W, b = self.folded_kv() if folded is None else folded
         B, T, C = x.shape
         n, H = self.config.n_layer - l - 1, self.config.n_head
         xn = F.layer_norm(x, (C,), eps=self.config.ln_eps).view(1, B * T, C).expand(n, -1, -1)
         kv = torch.baddbmm(b[l + 1:, None], xn, W[l + 1:].transpose(1, 2))  # (n, B*T, 2C)
-        cache[l + 1:, :, :, :, pos:pos + T] = kv.view(n, B, T, 2, H, C // H).permute(0, 3, 1, 4, 2, 5)
+        cache[l + 1:, :, :, :, pos:pos + T] = (kv.view(n, B, T, 2, H, C // H)
+                                               .permute(0, 3, 1, 4, 2, 5))
 
     def folded_kv(self):
         """
         Every layer's key/value projection with its ln_1 folded in, stacked: (L, 2C, C) and (L, 2C).
-        ln_1(x) = n(x) * g + beta, n the plain normalisation, so layer j's K/V = n(x) W'_j^T + b'_j with
-        W'_j = W_j * g_j (each input column scaled) and b'_j = W_j beta_j + bias_j.
+        ln_1(x) = n(x) * g + beta, n the plain normalisation, so layer j's K/V = n(x) W'_j^T + b'_j
+        with W'_j = W_j * g_j (each input column scaled) and b'_j = W_j beta_j + bias_j.
         """
         C = self.config.n_embd
         parts = [(blk.attn.qkv.weight[C:], blk.attn.qkv.bias[C:], blk.ln_1) for blk in self.blocks]
-        return torch.stack([w * ln.weight for w, _, ln in parts]), torch.stack([w @ ln.bias + b for w, b, ln in parts])
+        return (torch.stack([w * ln.weight for w, _, ln in parts]),
+                torch.stack([w @ ln.bias + b for w, b, ln in parts]))
 
     def new_cache(self, batch_size, max_len=None, device=None, dtype=None):
-        """Preallocated keys and values, one tensor (L, 2, B, H, T_max, D): cache[l] is layer l's (k, v)."""
+        """
+        Preallocated keys and values, one tensor (L, 2, B, H, T_max, D): cache[l] is layer l's
+        (k, v).
+        """
         c = self.config
         shape = (c.n_layer, 2, batch_size, c.n_head, max_len or c.block_size, c.n_embd // c.n_head)
-        return torch.zeros(shape, device=device or self.wte.weight.device, dtype=dtype or self.wte.weight.dtype)
+        return torch.zeros(shape, device=device or self.wte.weight.device,
+                           dtype=dtype or self.wte.weight.dtype)
 
     def layer_states(self, idx):
         """[embedding output, layer 1 output, ..., layer L output], each (B, T, C)."""
         self.check_ids(idx)
-        states = [self.embed(idx)]
-        for l in range(self.config.n_layer):
-            states.append(self.run_layer(l, states[-1]))
-        return states
+        return self.run_layers(self.embed(idx), every=True)
 
     def forward(self, idx, targets=None):
-        """Full-depth logits (B, T, vocab); loss = cross-entropy against targets, None without them."""
+        """
+        Full-depth logits (B, T, vocab); loss = cross-entropy against targets, None without them.
+        """
         logits = self.exit_logits(self.layer_states(idx)[-1])
-        loss = None if targets is None else F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-1)
+        loss = None if targets is None else F.cross_entropy(logits.flatten(0, 1), targets.flatten(),
+                                                            ignore_index=-1)
         return logits, loss
 
     @staticmethod
     def config_from_hf(hf, **overrides):
         C = hf["n_embd"]
-        return Config(n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=C, n_inner=hf.get("n_inner") or 4 * C,
-                      vocab_size=hf["vocab_size"], block_size=hf["n_positions"],
-                      act=hf.get("activation_function", "gelu_new"), ln_eps=hf.get("layer_norm_epsilon", 1e-5),
-                      dropout=hf.get("resid_pdrop", 0.1), attn_scale=hf.get("scale_attn_weights", True),
+        return Config(n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=C,
+                      n_inner=hf.get("n_inner") or 4 * C, vocab_size=hf["vocab_size"],
+                      block_size=hf["n_positions"], act=hf.get("activation_function", "gelu_new"),
+                      ln_eps=hf.get("layer_norm_epsilon", 1e-5), dropout=hf.get("resid_pdrop", 0.1),
+                      attn_scale=hf.get("scale_attn_weights", True),
                       attn_scale_by_layer=hf.get("scale_attn_by_inverse_layer_idx", False),
                       tie_lm_head=hf.get("tie_word_embeddings", True), **overrides)
 
@@ -417,8 +477,9 @@ class Decoder(Backbone):
              "ln_f.weight": (["ln_f.weight"], False), "ln_f.bias": (["ln_f.bias"], False)}
         for l in range(cfg.n_layer):
             b, h = f"blocks.{l}.", f"h.{l}."
-            for ours, theirs in (("ln_1", "ln_1"), ("attn.qkv", "attn.c_attn"), ("attn.proj", "attn.c_proj"),
-                                 ("ln_2", "ln_2"), ("mlp.fc", "mlp.c_fc"), ("mlp.proj", "mlp.c_proj")):
+            for ours, theirs in (("ln_1", "ln_1"), ("attn.qkv", "attn.c_attn"),
+                                 ("attn.proj", "attn.c_proj"), ("ln_2", "ln_2"),
+                                 ("mlp.fc", "mlp.c_fc"), ("mlp.proj", "mlp.c_proj")):
                 m[b + ours + ".weight"] = ([h + theirs + ".weight"], not ours.startswith("ln"))
                 m[b + ours + ".bias"] = ([h + theirs + ".bias"], False)
         if not cfg.tie_lm_head:
@@ -434,11 +495,15 @@ def init_weights(module):
 
 
 # Keys a Hugging Face checkpoint may hold that are not part of the backbone: task heads and buffers.
-IGNORED = ("cls.", "classifier.", "qa_outputs.", "embeddings.position_ids", "embeddings.token_type_ids")
+IGNORED = ("cls.", "classifier.", "qa_outputs.", "embeddings.position_ids",
+           "embeddings.token_type_ids")
 
 
 def read_checkpoint(path):
-    """config.json as a dict, and the weights with the 'bert.' / 'transformer.' prefix and old names undone."""
+    """
+    config.json as a dict, and the weights with the 'bert.' / 'transformer.' prefix and old names
+    undone.
+    """
     if not os.path.isfile(os.path.join(path, "config.json")):
         raise FileNotFoundError(f"{path} is not a Hugging Face model folder: no config.json")
     with open(os.path.join(path, "config.json")) as f:
@@ -458,34 +523,41 @@ def read_checkpoint(path):
     for k, v in sd.items():
         for prefix in ("bert.", "transformer."):
             k = k.removeprefix(prefix)
-        k = k.replace("LayerNorm.gamma", "LayerNorm.weight").replace("LayerNorm.beta", "LayerNorm.bias")
+        k = (k.replace("LayerNorm.gamma", "LayerNorm.weight")
+             .replace("LayerNorm.beta", "LayerNorm.bias"))
         keys[k] = v
     return hf, keys
 
 
 def load_weights(model, keys, key_map, path):
-    """Copy checkpoint tensors into model by key_map; name any missing, unexpected or mis-shaped key."""
+    """
+    Copy checkpoint tensors into model by key_map; name any missing, unexpected or mis-shaped key.
+    """
     params = model.state_dict()
     used = set()
     for ours, (theirs, transpose) in key_map.items():
         target = params[ours]
-        part = (target.size(0) // len(theirs), *target.shape[1:])  # each checkpoint tensor fills a slice of rows
+        # each checkpoint tensor fills a slice of rows
+        part = (target.size(0) // len(theirs), *target.shape[1:])
         want = part[::-1] if transpose else part
         pieces = []
         for k in theirs:
             if k not in keys:
                 raise KeyError(f"{path}: checkpoint is missing {k!r} (for {ours})")
             if tuple(keys[k].shape) != tuple(want):
-                raise ValueError(f"{path}: {k!r} has shape {tuple(keys[k].shape)}, expected {tuple(want)}")
+                raise ValueError(f"{path}: {k!r} has shape {tuple(keys[k].shape)}, "
+                                 f"expected {tuple(want)}")
             pieces.append(keys[k].t() if transpose else keys[k])
             used.add(k)
         with torch.no_grad():
             target.copy_(torch.cat(pieces, 0))
-    skipped = ("lm_head.weight", "attn.bias", "attn.masked_bias", "pooler.dense.weight", "pooler.dense.bias")
-    unexpected = [k for k in keys if k not in used and not k.startswith(IGNORED) and not k.endswith(skipped)]
+    skipped = ("lm_head.weight", "attn.bias", "attn.masked_bias", "pooler.dense.weight",
+               "pooler.dense.bias")
+    unexpected = [k for k in keys
+                  if k not in used and not k.startswith(IGNORED) and not k.endswith(skipped)]
     if unexpected:
         raise ValueError(f"{path}: unexpected key {unexpected[0]!r} ({len(unexpected)} in all) for "
                          f"{type(model).__name__}")
     fresh = sorted({k.split(".")[0] for k in params if k not in key_map and k != "lm_head.weight"})
-    print(f"loaded {len(key_map)} tensors from {path}; freshly initialised: {', '.join(fresh) or 'nothing'}",
-          file=sys.stderr)
+    print(f"loaded {len(key_map)} tensors from {path}; "
+          f"freshly initialised: {', '.join(fresh) or 'nothing'}", file=sys.stderr)

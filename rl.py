@@ -2,9 +2,9 @@
 The reinforcement-learning maths of ConsistentEE, as small pure functions.
 
 Zeng et al., "ConsistentEE: A Consistent and Hardness-Guided Early Exiting Method for Accelerating
-Language Models Inference", AAAI 2024, arXiv 2312.11882. A policy looks at the state after each layer
-l = 1..L and decides whether to exit there (probability p_l, the last layer always exits); it is
-trained with REINFORCE and a mean-of-K baseline, the way cleanrl and nanochat's chat_rl.py do it.
+Language Models Inference", AAAI 2024, arXiv 2312.11882. A policy looks at the state after each
+layer l = 1..L and decides whether to exit there (probability p_l, the last layer always exits); it
+is trained with REINFORCE and a mean-of-K baseline, the way cleanrl and nanochat's chat_rl.py do it.
 Layers are numbered 1..L everywhere: exit layers, memorized layers, the columns of a reward table.
 """
 
@@ -20,7 +20,8 @@ EPS = 1e-6
 
 def _check_probs(p):
     if p.dim() != 2:
-        raise ValueError(f"p must be (B, L), one exit probability per input and layer; got shape {tuple(p.shape)}")
+        raise ValueError(f"p must be (B, L), one exit probability per input and layer; "
+                         f"got shape {tuple(p.shape)}")
     return p.shape
 
 
@@ -32,7 +33,8 @@ def exit_distribution(p):
     """
     B, L = _check_probs(p)
     ones = p.new_ones(B, 1)
-    reach = torch.cumprod(torch.cat([ones, 1 - p[:, :-1]], dim=1), dim=1)  # (B, L) prod_{j<l} (1 - p_j)
+    # (B, L) prod_{j<l} (1 - p_j)
+    reach = torch.cumprod(torch.cat([ones, 1 - p[:, :-1]], dim=1), dim=1)
     exit_p = torch.cat([p[:, :-1], ones], dim=1)  # (B, L) with p_L := 1
     return exit_p * reach
 
@@ -52,12 +54,15 @@ def sample_exits(p, k, generator=None, eps=EPS):
     if k < 1:
         raise ValueError(f"k, the number of trajectories per input, must be >= 1; got {k}")
     act_p = p[:, :-1]  # (B, L-1) the layers where the policy has a choice
-    # Sample from the exact probabilities (torch.bernoulli, since Distribution.sample takes no generator);
-    # the clamp is only for scoring, so p = 1 always exits and p = 0 never does.
-    actions = torch.bernoulli(act_p.detach().expand(k, B, L - 1), generator=generator)  # (k, B, L-1)
-    exits = 1 + (actions.cumsum(dim=-1) == 0).sum(dim=-1)  # (k, B) layers passed before the first exit, + 1
+    # Sample from the exact probabilities (torch.bernoulli, since Distribution.sample takes no
+    # generator); the clamp is only for scoring, so p = 1 always exits and p = 0 never does.
+    # (k, B, L-1)
+    actions = torch.bernoulli(act_p.detach().expand(k, B, L - 1), generator=generator)
+    # (k, B) layers passed before the first exit, + 1
+    exits = 1 + (actions.cumsum(dim=-1) == 0).sum(dim=-1)
     policy = Bernoulli(probs=act_p.clamp(eps, 1 - eps))
-    taken = torch.arange(1, L, device=p.device) <= exits.unsqueeze(-1)  # (k, B, L-1) actions up to the exit
+    # (k, B, L-1) actions up to the exit
+    taken = torch.arange(1, L, device=p.device) <= exits.unsqueeze(-1)
     log_prob = (policy.log_prob(actions) * taken).sum(dim=-1)  # (k, B)
     return exits, log_prob
 
@@ -66,7 +71,8 @@ def reinforce_loss(log_prob, reward):
     """
     REINFORCE with the mean reward of the k trajectories of the same input as baseline.
     log_prob, reward (k, B) -> scalar loss to minimise.
-    Example: log_prob = [[a], [b]], reward = [[1], [3]] -> baseline 2, adv [[-1], [1]], loss = -(-a + b) / 2
+    Example: log_prob = [[a], [b]], reward = [[1], [3]] -> baseline 2, adv [[-1], [1]],
+             loss = -(-a + b) / 2
     """
     # The baseline removes what all k trajectories of an input share (how easy the input is), which
     # cuts the variance without biasing the gradient. detach: the advantage is a fixed weight on
@@ -78,7 +84,8 @@ def reinforce_loss(log_prob, reward):
 def expected_reward_loss(p, reward):
     """
     The exact objective REINFORCE estimates: with L possible exits, sum them all.
-    p (B, L), reward (B, L) the reward of exiting at each layer -> -mean_b sum_l P(exit at l) * reward[b, l].
+    p (B, L), reward (B, L) the reward of exiting at each layer
+    -> -mean_b sum_l P(exit at l) * reward[b, l].
     Example: p = [[0.5, 0.5, 0.9]], reward = [[4, 0, -8]] -> -(0.5*4 + 0.25*0 + 0.25*(-8)) = 0
     """
     return -(exit_distribution(p) * reward).sum(dim=1).mean()

@@ -2,29 +2,29 @@
 Train ConsistentEE on a classification task or a language model, in the three stages of the paper
 (Zeng et al. 2024, Sec. 3):
   1. backbone + every exit head, weighted loss; then each training input's memorized layer
-  2. the exit policies alone, backbone frozen (its per-layer states computed once and reused), one
-     set for each depth penalty alpha of a grid and each reward; alpha picked on the validation split
+  2. the exit policies alone, backbone frozen (its per-layer states computed once and reused),
+     one set for each depth penalty alpha of a grid and each reward; alpha picked on validation
   3. everything: the classification loss only at each input's sampled exit, plus the policy loss
      (and, as a control, as many steps of stage 1's loss instead)
 then evaluate ConsistentEE against the classic exit rules on the test split.
 
-    python train.py                          # Rotten Tomatoes, all-MiniLM-L6-v2, ~10.5 minutes on 2 cores
+    python train.py                          # Rotten Tomatoes, all-MiniLM-L6-v2, 10.5 min, 2 cores
     python train.py --alphas=0.05 --stage=2  # rerun stage 2 (and 3) from out/stage1.pt, one alpha
-    python train.py --task=lm                # a GPT-2 style decoder from scratch on IMDB text, ~10 minutes
+    python train.py --task=lm                # a GPT-2 style decoder from scratch on IMDB, ~10 min
     python train.py --help                   # every option
 
 With --task=lm every token position is one input: its exit state is its hidden state, its label the
-next token. The options in LM_DEFAULTS then take other defaults (each can still be set); among them
-policy_target=full: the reward and the memorized layer (the first layer from which every head agrees)
-measure the heads against the full depth's own token rather than the text's.
+next token. The options in LM_DEFAULTS then take other defaults (each can still be set); among
+them policy_target=full: the reward and the memorized layer (the first layer from which every head
+agrees) measure the heads against the full depth's own token rather than the text's.
 """
-import inspect
 import json
 import math
 import os
 import sys
 import time
 from dataclasses import asdict, dataclass, fields, replace
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -33,103 +33,87 @@ from tqdm import tqdm
 import cee
 import data
 import report
+from common import load_model, overrides, pick_device
 from model import Config, Decoder, Encoder
 
-
-# Under torchrun every process runs this whole script on its share of each batch (data parallel).
-RANK, WORLD = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-MASTER = RANK == 0  # only this process writes checkpoints and reports, and prints
+PROG = "train.py"
 
 
-def log(*args):
-    if MASTER:
-        print(*args, flush=True)
+# -----------------------------------------------------------------------------
+# options
 
 
 @dataclass
 class TrainConfig:
-    task: str = "rotten_tomatoes"  # rotten_tomatoes, imdb, a .csv/.json/.jsonl file with text, label; or lm
-    init: str = "minilm"         # "minilm" (all-MiniLM-L6-v2) or a Hugging Face BERT folder; lm: "scratch" or a GPT-2 folder
+    task: str = "rotten_tomatoes"  # rotten_tomatoes, imdb, a .csv/.json/.jsonl file with text and
+                                   # label columns; or lm (language modelling)
+    init: str = "minilm"         # "minilm" (all-MiniLM-L6-v2) or a Hugging Face BERT folder;
+                                 # lm: "scratch" or a GPT-2 folder
     out_dir: str = "out"         # stage{1,2,3}.pt, control.pt, resume.pt, report.json, tradeoff.png
     seed: int = 1337             # the data split, the new weights and every random draw of training
-    train_seed: int = 0          # added to seed for training's draws alone (shuffles, dropout, sampled exits):
-                                 # --stage=2 --train_seed=1 repeats stages 2-3 on the same stage-1 model
-    stage: int = 1               # first stage to run; 2 or 3 start from the previous stage's checkpoint
+    train_seed: int = 0          # added to seed for training's draws alone (shuffles, dropout,
+                                 # sampled exits): --stage=2 --train_seed=1 repeats stages 2-3 on
+                                 # the same stage-1 model
+    stage: int = 1               # first stage to run; 2 and 3 start from the checkpoint before
     max_steps: int = 0           # cap on each stage's optimiser steps, 0 = none (for smoke runs)
     device: str = "auto"         # auto = cuda, then mps, then cpu
     max_len: int = 128           # tokens per input, [CLS] and [SEP] included
     batch_size: int = 32
     pool: str = "mean"           # exit state: "mean" of the tokens (as MiniLM was trained) or "cls"
-    policy_conf: bool = False    # the policy also reads its exit head's confidence (max prob, entropy)
+    policy_conf: bool = False    # the policy also reads its head's confidence (max prob, entropy)
     # stage 1: backbone + exit heads
     epochs1: float = 2
     lr1: float = 5e-5
     # stage 2: policies only, on the frozen stage-1 model
     epochs2: float = 5
     lr2: float = 3e-4
-    policy_target: str = "label"  # reward and memorized layer judge heads by the "label", or the "full" depth's argmax
-    reward: str = "correct"      # the reward's accuracy term: "correct" (1 if the exit head is right) or "ce" (-CE)
-    alphas: str = "0.01,0.02,0.03,0.04,0.05,0.06,0.08,0.1,0.12,0.15,0.2"  # stage 2 trains policies for each
-                                 # (and each reward); stage 3 takes the one picked on validation
-    # stage 3: all parameters, consistent loss + policy loss (on the training inputs; --task=lm: the lm_rl_windows)
+    policy_target: str = "label"  # the reward and the memorized layer judge each head by the
+                                  # "label", or by the "full" depth's argmax
+    reward: str = "correct"      # the reward's accuracy term: "correct" (1 if the exit head is
+                                 # right) or "ce" (-CE)
+    alphas: str = "0.01,0.02,0.03,0.04,0.05,0.06,0.08,0.1,0.12,0.15,0.2"  # stage 2 trains policies
+                                 # for each (and each reward); stage 3 takes the one picked on
+                                 # validation
+    # stage 3: all parameters, consistent loss + policy loss (on the inputs of stage 2)
     epochs3: float = 1
     lr3: float = 2e-5
-    control: bool = True         # also spend stage 3's steps on stage 1's loss instead, for a fair comparison
+    control: bool = True         # also spend stage 3's steps on stage 1's loss: a fair comparison
     # the policy gradient
     K: int = 8                   # trajectories per input, sampled from one backbone pass
-    estimator: str = "reinforce"  # "reinforce" (sampled, mean-of-K baseline) or "exact" (sum over all exits)
+    estimator: str = "reinforce"  # "reinforce" (sampled, mean-of-K baseline) or "exact" (sum over
+                                  # all exits)
     threshold: float = 0.5       # exit when the policy's probability exceeds this
-    warmup: int = 0              # steps of linear lr warm-up in each stage (at most a tenth of it), then linear decay
+    warmup: int = 0              # steps of linear lr warm-up in each stage (at most a tenth of it),
+                                 # then linear decay
     beta2: float = 0.999         # AdamW's decay of the squared-gradient average
     log_interval: int = 50
-    ckpt_interval: int = 200     # write out_dir/resume.pt every this many optimiser steps (and at each stage's end)
-    resume: bool = False         # continue from out_dir/resume.pt exactly where the last run stopped
+    ckpt_interval: int = 200     # write out_dir/resume.pt every this many optimiser steps (and at
+                                 # each stage's end)
+    resume: bool = False         # continue from out_dir/resume.pt where the last run stopped
     # language modelling (--task=lm): the decoder built from scratch, and the windows of IMDB text
     lm_layers: int = 8
     lm_width: int = 128
     lm_heads: int = 4
-    lm_vocab: int = 257          # GPT-2's BPE stopped at this many tokens (257: bytes); the LM head is width x vocab
+    lm_vocab: int = 257          # GPT-2's BPE stopped at this many tokens (257: bytes)
     lm_windows: int = 28800      # training windows of max_len tokens
-    lm_rl_windows: int = 1024    # the first of them: their tokens' memorized layers are kept, stages 2, 3 train on them
+    lm_rl_windows: int = 1024    # the first of them: their tokens' memorized layers are kept,
+                                 # stages 2 and 3 train on them
     lm_test_windows: int = 64
 
 
-# --task=lm: a small decoder learns from scratch, with a higher learning rate, a warm-up and beta2 0.95 (as
-# nanoGPT); each batch holds 32 x 128 inputs (token positions); its policy learns to agree with the full
-# depth (what generation is judged by), with -CE: on its validation split, at threshold 0.5, -CE's pick
-# exits at 2.8 layers, 0/1's at 4.4; fewer alphas, as stage 2 has 131,072 inputs
-LM_DEFAULTS = {"out_dir": "out_lm", "init": "scratch", "lr1": 3e-3, "epochs1": 1, "lr3": 3e-4, "batch_size": 32,
-               "epochs2": 10, "epochs3": 1, "warmup": 20, "beta2": 0.95,
-               "policy_target": "full", "reward": "ce", "alphas": "0.02,0.03,0.05,0.07", "control": False}
-
-
-def overrides(cfg, argv, prog, doc):
-    """
-    Apply --key=value arguments to the dataclass cfg, each value checked against its field's type
-    (a bare --flag sets a bool). --help prints doc and the dataclass with its comments.
-    """
-    if "--help" in argv or "-h" in argv:
-        print(doc.strip() + "\n\n" + inspect.getsource(type(cfg)))
-        sys.exit(0)
-    types = {f.name: f.type for f in fields(cfg)}
-    for arg in argv:
-        key, eq, value = arg.removeprefix("--").partition("=")
-        if not eq and types.get(key) is bool:
-            value = "true"
-        if not arg.startswith("--") or key not in types or not (eq or types[key] is bool):
-            raise SystemExit(f"{prog}: unknown option {arg!r}; options are --key=value, see --help")
-        t = types[key]
-        try:
-            if t is bool and value.lower() not in ("true", "false", "1", "0"):
-                raise ValueError
-            setattr(cfg, key, value.lower() in ("true", "1") if t is bool else t(value))
-        except ValueError:
-            raise SystemExit(f"{prog}: --{key} expects {t.__name__}, got {value!r}") from None
-    return cfg
+# --task=lm: a small decoder learns from scratch, with a higher learning rate, a warm-up and beta2
+# 0.95 (as nanoGPT); each batch holds 32 x 128 inputs (token positions); its policy learns to agree
+# with the full depth (what generation is judged by), with -CE: on its validation split, at
+# threshold 0.5, -CE's pick exits at 2.8 layers, 0/1's at 4.4; fewer alphas, as stage 2 has 131,072
+# inputs
+LM_DEFAULTS = {"out_dir": "out_lm", "init": "scratch", "lr1": 3e-3, "epochs1": 1, "lr3": 3e-4,
+               "batch_size": 32, "epochs2": 10, "epochs3": 1, "warmup": 20, "beta2": 0.95,
+               "policy_target": "full", "reward": "ce", "alphas": "0.02,0.03,0.05,0.07",
+               "control": False}
 
 
 def parse_args(argv):
-    cfg = overrides(TrainConfig(), argv, "train.py", __doc__ + f"\n--task=lm defaults: {LM_DEFAULTS}")
+    cfg = overrides(TrainConfig(), argv, PROG, __doc__ + f"\n--task=lm defaults: {LM_DEFAULTS}")
     given = {arg.removeprefix("--").partition("=")[0] for arg in argv}
     if cfg.task == "lm":
         for key, value in LM_DEFAULTS.items():
@@ -137,25 +121,30 @@ def parse_args(argv):
                 setattr(cfg, key, value)
         if "lr1" not in given and cfg.init != "scratch":
             cfg.lr1 = 5e-5  # fine-tuning a pretrained GPT-2, not learning from scratch
-    checks = [(cfg.K >= 1, "--K must be >= 1"),
-              (cfg.stage in (1, 2, 3), "--stage must be 1, 2 or 3"), (cfg.max_steps >= 0, "--max_steps must be >= 0"),
-              (cfg.estimator in ("reinforce", "exact"), "--estimator must be reinforce or exact"),
-              (cfg.pool in ("mean", "cls"), "--pool must be mean or cls"), (cfg.batch_size >= 1, "--batch_size >= 1"),
-              (cfg.reward in cee.REWARDS, f"--reward must be {' or '.join(cee.REWARDS)}"),
-              (cfg.policy_target in ("label", "full"), "--policy_target must be label or full"),
-              (0 <= cfg.threshold <= 1, "--threshold must lie in [0, 1]"), (cfg.log_interval >= 1, "--log_interval >= 1"),
-              (cfg.ckpt_interval >= 1, "--ckpt_interval >= 1"), (cfg.warmup >= 0, "--warmup >= 0"),
-              (0 < cfg.beta2 < 1, "--beta2 must lie in (0, 1)"),
-              (not (cfg.resume and cfg.stage > 1), "--resume picks its stage"),
-              (min(cfg.epochs1, cfg.epochs2, cfg.epochs3) > 0, "--epochs1/2/3 must be > 0"),
-              (min(cfg.lr1, cfg.lr2, cfg.lr3) > 0, "--lr1/2/3 must be > 0"), (cfg.max_len >= 2, "--max_len >= 2"),
-              (1 <= cfg.lm_rl_windows <= cfg.lm_windows, "--lm_rl_windows must lie in [1, lm_windows]"),
-              (cfg.lm_test_windows >= 1, "--lm_test_windows >= 1"), (cfg.lm_layers >= 2, "--lm_layers >= 2"),
-              (min(cfg.lm_heads, cfg.lm_width) >= 1, "--lm_heads and --lm_width must be >= 1"),
-              (cfg.lm_width % max(cfg.lm_heads, 1) == 0, "--lm_width must be a multiple of --lm_heads")]
+    checks = [
+        (cfg.K >= 1, "--K must be >= 1"), (cfg.stage in (1, 2, 3), "--stage must be 1, 2 or 3"),
+        (cfg.max_steps >= 0, "--max_steps must be >= 0"),
+        (cfg.estimator in ("reinforce", "exact"), "--estimator must be reinforce or exact"),
+        (cfg.pool in ("mean", "cls"), "--pool must be mean or cls"),
+        (cfg.batch_size >= 1, "--batch_size >= 1"),
+        (cfg.reward in cee.REWARDS, f"--reward must be {' or '.join(cee.REWARDS)}"),
+        (cfg.policy_target in ("label", "full"), "--policy_target must be label or full"),
+        (0 <= cfg.threshold <= 1, "--threshold must lie in [0, 1]"),
+        (cfg.log_interval >= 1, "--log_interval >= 1"),
+        (cfg.ckpt_interval >= 1, "--ckpt_interval >= 1"), (cfg.warmup >= 0, "--warmup >= 0"),
+        (0 < cfg.beta2 < 1, "--beta2 must lie in (0, 1)"),
+        (not (cfg.resume and cfg.stage > 1), "--resume picks its stage"),
+        (min(cfg.epochs1, cfg.epochs2, cfg.epochs3) > 0, "--epochs1/2/3 must be > 0"),
+        (min(cfg.lr1, cfg.lr2, cfg.lr3) > 0, "--lr1/2/3 must be > 0"),
+        (cfg.max_len >= 2, "--max_len >= 2"),
+        (1 <= cfg.lm_rl_windows <= cfg.lm_windows, "--lm_rl_windows must lie in [1, lm_windows]"),
+        (cfg.lm_test_windows >= 1, "--lm_test_windows >= 1"),
+        (cfg.lm_layers >= 2, "--lm_layers >= 2"),
+        (min(cfg.lm_heads, cfg.lm_width) >= 1, "--lm_heads and --lm_width must be >= 1"),
+        (cfg.lm_width % max(cfg.lm_heads, 1) == 0, "--lm_width must be a multiple of --lm_heads")]
     for ok, msg in checks:
         if not ok:
-            raise SystemExit(f"train.py: {msg}")
+            raise SystemExit(f"{PROG}: {msg}")
     alpha_grid(cfg)
     return cfg
 
@@ -167,58 +156,149 @@ def alpha_grid(cfg):
     except ValueError:
         alphas = []
     if not alphas or not all(0 <= a < math.inf for a in alphas):
-        raise SystemExit("train.py: --alphas must be numbers >= 0 separated by commas, "
+        raise SystemExit(f"{PROG}: --alphas must be numbers >= 0 separated by commas, "
                          f"got {cfg.alphas!r}")
     return alphas
 
 
-def pick_device(name):
-    available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
-    if name == "auto":
-        return next(d for d in ("cuda", "mps", "cpu") if available[d])
-    if not available.get(name.split(":")[0]):
-        raise SystemExit(f"train.py: device {name!r} is not available here; use auto, cpu, cuda or mps")
-    return name
+def method_options(cfg):
+    """What cee.stage_loss needs of the options."""
+    return dict(K=cfg.K, estimator=cfg.estimator, reward=cfg.reward, target=cfg.policy_target)
 
 
-def rows(model, b):
+# -----------------------------------------------------------------------------
+# tasks: what differs between classifying texts and modelling language is decided here, once
+
+
+@dataclass
+class Task:
     """
-    Every exit's logits (R, L, n) and states (R, L, C), and the labels (R,), of the R inputs of a batch:
-    a classifier's R = B texts; a language model's R = B x T token positions, each labelled with the next
-    token, its state the hidden state at that position.
+    A task's splits and how its model and inputs are made. An input is a text for a classifier and
+    a token position for a language model (each window of max_len tokens gives max_len inputs).
     """
-    if isinstance(model, Decoder):
-        s = torch.stack(model.layer_states(b["input_ids"])[1:], 2).flatten(0, 1)  # (B*T, L, C)
-        return model.exit_logits(s), s, b["labels"].flatten()
+    splits: dict                 # train (stage 1), train_rl (stages 2 and 3: the inputs whose
+                                 # memorized layers are kept), validation, test
+    new_model: Callable          # () -> the stage-1 model, with fresh exit policies
+    outputs: Callable            # (model, batch) -> every exit's logits (R, L, n), states
+                                 # (R, L, C) and labels (R,) of the batch's R inputs
+    inputs_per_item: int         # inputs in one item of a split: 1 text, or max_len token positions
+    eval_batch: int              # items per batch when every layer's outputs are kept
+    timed: bool                  # time inference on the test split (a language model's is timed
+                                 # generating: generate.py, bench.py)
+
+
+def text_outputs(model, b):
+    """Task.outputs of a classifier: R = B texts, each one input."""
     logits, s = model(b["input_ids"], b["attention_mask"])
     return logits, s, b["labels"]
 
 
+def token_outputs(model, b):
+    """Task.outputs of a language model: R = B x T token positions, each labelled with the next
+    token, its state the hidden state at that position."""
+    s = torch.stack(model.layer_states(b["input_ids"])[1:], 2).flatten(0, 1)  # (B*T, L, C)
+    return model.exit_logits(s), s, b["labels"].flatten()
+
+
+def build_task(cfg):
+    """The task of the options: its splits (a classifier's texts, a language model's windows of
+    tokens) and its model."""
+    if cfg.task != "lm":
+        path = data.minilm_path() if cfg.init == "minilm" else cfg.init
+        splits = data.load_task(cfg.task, data.WordPiece(os.path.join(path, "vocab.txt")),
+                                cfg.max_len, cfg.seed)
+
+        def new_model():
+            return Encoder.from_pretrained(path, n_labels=len(splits["label_names"]), pool=cfg.pool,
+                                           policy_conf=cfg.policy_conf)
+        return Task(splits | {"train_rl": splits["train"]}, new_model, text_outputs, 1, 64, True)
+    if cfg.init == "scratch":
+        C, vocab = cfg.lm_width, cfg.lm_vocab
+
+        def new_model():
+            return Decoder(Config(n_layer=cfg.lm_layers, n_head=cfg.lm_heads, n_embd=C,
+                                  n_inner=4 * C, vocab_size=vocab, block_size=cfg.max_len,
+                                  act="gelu", ln_eps=1e-5, dropout=0.0,
+                                  policy_conf=cfg.policy_conf))
+    else:  # a GPT-2 folder, with its own vocabulary
+        with open(os.path.join(cfg.init, "config.json")) as f:
+            vocab = json.load(f)["vocab_size"]
+
+        def new_model():
+            return Decoder.from_pretrained(cfg.init, policy_conf=cfg.policy_conf)
+    splits = data.lm_task(vocab, cfg.max_len, cfg.lm_windows, cfg.lm_test_windows, cfg.seed)
+    splits["train_rl"] = splits["train"][:cfg.lm_rl_windows]
+    return Task(splits, new_model, token_outputs, cfg.max_len, 8, False)
+
+
+def check_memory(task, model, cfg):
+    """Every layer's logits of a whole split are kept (stage 2, evaluation), and of a batch with
+    its gradients: stop at once if they would not fit, not after an hour."""
+    c, s = model.config, task.splits
+    items = max(len(s["train_rl"]), 2 * len(s["test"]), 3 * cfg.batch_size)
+    gib = items * task.inputs_per_item * c.n_layer * model.n_out * 4 / 2**30
+    if gib > 8:
+        raise SystemExit(f"{PROG}: every layer's logits of {items} items would take {gib:.0f} GiB; "
+                         "lower --lm_rl_windows, --lm_test_windows, --batch_size or --max_len")
+    if cfg.max_len > c.block_size:
+        raise SystemExit(f"{PROG}: --max_len={cfg.max_len} exceeds the model's {c.block_size} "
+                         "positions")
+
+
 @torch.no_grad()
-def all_layers(model, split, cfg):
-    """Every exit's states (R, L, C), logits (R, L, n) and labels (R,) of a split's inputs, in eval mode."""
+def all_layers(task, model, split, device):
+    """Every exit's states (R, L, C), logits (R, L, n) and labels (R,) of a split's inputs, in
+    eval mode."""
     was_training = model.training
     model.eval()
     out = []
-    for b in data.batches(split, 64 if isinstance(model, Encoder) else 8, device=cfg.device):
-        logits, s, labels = rows(model, b)
+    for b in data.batches(split, task.eval_batch, device=device):
+        logits, s, labels = task.outputs(model, b)
         out.append((s, logits, labels))
     model.train(was_training)
     return [torch.cat(parts) for parts in zip(*out)]
 
 
-def gathered_layers(model, split, cfg):
-    """all_layers of a whole split, each process computing a contiguous shard, then shared by all."""
+# -----------------------------------------------------------------------------
+# processes: under torchrun every process runs this whole script on its share of each batch
+
+RANK, WORLD = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+MASTER = RANK == 0  # only this process writes checkpoints and reports, and prints
+
+
+def log(*args):
+    if MASTER:
+        print(*args, flush=True)
+
+
+def start_processes(cfg):
+    """Under torchrun: join the other processes, each on its own GPU when there are GPUs."""
     if WORLD == 1:
-        return all_layers(model, split, cfg)
+        return
+    if cfg.batch_size % WORLD:
+        raise SystemExit(f"{PROG}: --batch_size={cfg.batch_size} must be a multiple of the "
+                         f"{WORLD} processes")
+    dist.init_process_group("nccl" if cfg.device.startswith("cuda") else "gloo")
+    if cfg.device.startswith("cuda"):
+        cfg.device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+        torch.cuda.set_device(cfg.device)
+
+
+def gathered_layers(task, model, split, cfg):
+    """all_layers of a whole split, each process computing a contiguous shard, then shared by
+    all."""
+    if WORLD == 1:
+        return all_layers(task, model, split, cfg.device)
     parts = [None] * WORLD
-    mine = split.tensor_split(WORLD)[RANK] if isinstance(split, torch.Tensor) else split.shard(WORLD, RANK, contiguous=True)
-    dist.all_gather_object(parts, [t.cpu() for t in all_layers(model, mine, cfg)])
+    mine = (split.tensor_split(WORLD)[RANK] if isinstance(split, torch.Tensor)
+            else split.shard(WORLD, RANK, contiguous=True))
+    dist.all_gather_object(parts, [t.cpu() for t in all_layers(task, model, mine, cfg.device)])
     return [torch.cat(shards).to(cfg.device) for shards in zip(*parts)]
 
 
 def all_ok(ok):
-    """True only if ok is True in every process: they must stop together, or the others wait forever."""
+    """True only if ok is True in every process: they must stop together, or the others wait
+    forever."""
     if WORLD == 1:
         return ok
     flag = torch.tensor([float(ok)], device="cuda" if dist.get_backend() == "nccl" else "cpu")
@@ -228,7 +308,8 @@ def all_ok(ok):
 
 def rng_states(cfg):
     """Every process's random streams (CPU, and CUDA when used), so that each resumes its own."""
-    mine = [torch.get_rng_state(), torch.cuda.get_rng_state() if cfg.device.startswith("cuda") else None]
+    mine = [torch.get_rng_state(),
+            torch.cuda.get_rng_state() if cfg.device.startswith("cuda") else None]
     if WORLD == 1:
         return [mine]
     everyone = [None] * WORLD
@@ -237,222 +318,50 @@ def rng_states(cfg):
 
 
 def my_share(batch):
-    """This process's rows of a global batch: every process sees the same batches, each takes a slice."""
+    """This process's rows of a global batch (every process sees the same batches, each takes a
+    slice), and their fraction of the batch; None when the batch is too small to give every process
+    a row (all skip it alike)."""
     n = len(batch["index"])
+    if WORLD == 1:
+        return batch, 1.0
+    if n < WORLD:
+        return None, 0.0
     lo, hi = RANK * n // WORLD, (RANK + 1) * n // WORLD
-    return {k: v[lo:hi] for k, v in batch.items()}
+    return {k: v[lo:hi] for k, v in batch.items()}, (hi - lo) / n
+
+
+def sum_gradients(params):
+    """What DistributedDataParallel does: each process's loss is weighted by its fraction of the
+    batch, so the sum of their gradients is the gradient of the batch mean."""
+    if WORLD > 1:
+        for p in params:
+            if p.grad is not None:
+                dist.all_reduce(p.grad)
 
 
 def check_replicas(model, stage):
     """Every process must hold the same weights: compare each tensor's sum and sum of squares."""
-    mine = torch.stack([torch.stack([p.double().sum(), p.double().square().sum()]) for p in model.state_dict().values()])
+    if WORLD == 1:
+        return
+    mine = torch.stack([torch.stack([p.double().sum(), p.double().square().sum()])
+                        for p in model.state_dict().values()])
     everyone = [None] * WORLD
     dist.all_gather_object(everyone, mine.cpu())
     if not all(torch.equal(everyone[0], other) for other in everyone):
-        raise SystemExit(f"train.py: the {WORLD} processes hold different weights after stage {stage}")
+        raise SystemExit(f"{PROG}: the {WORLD} processes hold different weights after stage "
+                         f"{stage}")
     log(f"replicas identical after stage {stage} ({WORLD} processes)")
 
 
-def lr_factor(step, total, warmup):
-    """The learning rate's multiplier: linear warm-up over min(warmup, total // 10) steps, then linear decay to 0."""
-    w = min(warmup, total // 10)
-    return (step + 1) / (w + 1) if step < w else (total - step) / (total - w)
+# -----------------------------------------------------------------------------
+# checkpoints
 
 
-def run_stage(model, stage, task, memorized, cfg, alpha=0.0, train_pass=None, resume=None, resumable=True,
-              name=None):
-    """
-    One optimiser loop for any stage: what changes is the parameters, the data and stage_loss.
-    alpha: the depth penalty of the reward (stages 2 and 3).
-    train_pass: all_layers() of the training split by this model (stage 2: required).
-    resume: the contents of a resume.pt written by this stage, to continue from its step.
-    resumable: write out_dir/resume.pt as it goes (stage 2's grid and the control are run again
-    whole).
-    name: what the progress bar and the log lines call it ("stage 1" .. "stage 3" by default).
-    """
-    name = name or f"stage {stage}"
-    if stage == 2:  # frozen backbone: the states of every input were computed once, in train_pass
-        split = task["train_rl"]
-        s_all, logits_all, labels_all = train_pass
-        mem_all = memorized
-        params = list(model.policies.parameters())
-    else:  # stage 3 trains on the inputs whose memorized layers were kept
-        split, params = task["train" if stage == 1 else "train_rl"], list(model.parameters())
-    epochs, lr = {1: (cfg.epochs1, cfg.lr1), 2: (cfg.epochs2, cfg.lr2), 3: (cfg.epochs3, cfg.lr3)}[stage]
-    per_epoch = math.ceil(len(split) / cfg.batch_size)
-    total = math.ceil(epochs * per_epoch)
-    if cfg.max_steps:
-        total = min(total, cfg.max_steps)
-    opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, cfg.beta2), weight_decay=0.01 if stage != 2 else 0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: lr_factor(i, total, cfg.warmup))
-    seed = cfg.seed + cfg.train_seed
-    torch.manual_seed(seed + stage)  # each stage reproducible on its own, e.g. after --stage=2
-    g = torch.Generator().manual_seed(seed + stage)
-    step, epoch, skip = 0, 0, 0
-    if resume is not None:  # continue bit for bit: optimiser, schedule, random streams, place in the epoch
-        opt.load_state_dict(resume["optimizer"])
-        sched.load_state_dict(resume["scheduler"])
-        step, epoch, skip = resume["step"], resume["epoch"], resume["batch"]
-        if len(resume["rng"]) != WORLD:
-            raise SystemExit(f"train.py: resume.pt was written by {len(resume['rng'])} processes, not {WORLD}")
-        cpu_rng, cuda_rng = resume["rng"][RANK]
-        torch.set_rng_state(cpu_rng.cpu())  # RNG states must be CPU tensors, wherever the model lives
-        g.set_state(resume["batch_rng"].cpu())
-        if cuda_rng is not None and cfg.device.startswith("cuda"):
-            torch.cuda.set_rng_state(cuda_rng.cpu())
-
-    def epoch_batches(epoch):
-        if stage == 2:  # the cached states are indexed directly (a window of an LM gives T of them)
-            per_input = len(s_all) // len(split)
-            return ({"index": i} for i in torch.randperm(len(s_all), generator=g).split(cfg.batch_size * per_input))
-        return data.batches(split, cfg.batch_size, shuffle=True, seed=seed + 1000 * stage + epoch,
-                            device=cfg.device)
-
-    model.train()
-    t0 = time.time()
-    bar = tqdm(total=total, initial=step, desc=name, file=sys.stderr, dynamic_ncols=True,
-               disable=not MASTER)
-    while step < total:
-        batch_rng = g.get_state()  # where this epoch's shuffle starts, for resume.pt
-        for j, b in enumerate(epoch_batches(epoch)):
-            if j < skip:  # done before the run was stopped
-                continue
-            n = len(b["index"])
-            if WORLD > 1:
-                if n < WORLD:  # a last batch too small to give every process a row: all skip it alike
-                    continue
-                b = my_share(b)
-            if stage == 2:
-                i = b["index"]
-                s, logits, labels, mem = s_all[i], logits_all[i], labels_all[i], mem_all[i]
-            else:
-                logits, s, labels = rows(model, b)
-                mem = None if memorized is None else memorized.view(len(split), -1)[b["index"]].flatten()
-            loss, logs = (cee.stage_loss(model, stage, s, logits, labels, mem, alpha, cfg)
-                          if torch.isfinite(logits).all() else (None, {"logits": math.nan}))
-            if not all_ok(all(math.isfinite(v) for v in logs.values())):  # a NaN/inf in logits, losses, rewards
-                bad = [k for k, v in logs.items() if not math.isfinite(v)] or "values in another process"
-                raise SystemExit(f"train.py: non-finite {bad} at {name} step {step + 1}; stopped, "
-                                 "the saved checkpoints are kept")
-            if WORLD > 1:  # each process has the mean over its rows: weight it so the average is the batch mean
-                loss = loss * (len(b["index"]) * WORLD / n)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if WORLD > 1:  # what DistributedDataParallel does: average the gradients of all processes
-                for p in params:
-                    if p.grad is not None:
-                        dist.all_reduce(p.grad)
-                        p.grad /= WORLD
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
-            sched.step()
-            step += 1
-            bar.update()
-            if resumable and (step % cfg.ckpt_interval == 0 or step == total):
-                write(os.path.join(cfg.out_dir, "resume.pt"), checkpoint(
-                    model, stage, memorized, cfg, alpha, optimizer=opt.state_dict(),
-                    scheduler=sched.state_dict(), step=step, epoch=epoch, batch=j + 1,
-                    rng=rng_states(cfg), batch_rng=batch_rng))
-            if MASTER and (step % cfg.log_interval == 0 or step == total):
-                kv = " ".join(f"{k} {v:.4f}" for k, v in logs.items())
-                tqdm.write(f"{name} step {step}/{total} {kv} lr {sched.get_last_lr()[0]:.2e} "
-                           f"s/step {(time.time() - t0) / step:.3f}", file=sys.stderr)
-            if step == total:
-                break
-        epoch, skip = epoch + 1, 0
-    bar.close()
-    return time.time() - t0
-
-
-def memorized_of(logits, labels, cfg):
-    """Each input's memorized layer, against what cfg.policy_target names (the label or the full depth's argmax)."""
-    return cee.memorized_layer(logits.argmax(-1), cee.reward_target(logits, labels, cfg))
-
-
-def hardness(model, task, cfg):
-    """all_layers of the stage-2/3 training inputs by the stage-1 model, and their memorized layers."""
-    train_pass = gathered_layers(model, task["train_rl"], cfg)
-    logits, labels = train_pass[1:]
-    memorized = memorized_of(logits, labels, cfg)
-    log("memorized layer of the training inputs: " + shares(memorized, model.config.n_layer))
-    return train_pass, memorized
-
-
-def policy_grid(model, task, memorized, train_pass, cfg):
-    """
-    Stage 2 for every reward and every alpha of --alphas: fresh policies each time, trained on the
-    cached states of the frozen stage-1 model, then swept over the threshold on the validation split.
-    Leaves in model.policies those of cfg.reward at the alpha picked on validation: the best speed-up
-    at cfg.threshold within 1 point of full depth (never picked on the test split).
-    Returns (the picked alpha, the grid: a list of {reward, alpha, policies, validation points}).
-    """
-    init = policy_weights(model)
-    s_val, logits_val, y_val = gathered_layers(model, task["validation"], cfg)
-    full_val = (logits_val[:, -1].argmax(-1) == y_val).float().mean().item()
-    logits, labels = train_pass[1:]
-    target = cee.reward_target(logits, labels, cfg)
-    L = model.config.n_layer
-    thresholds = cee.grids(L, logits.size(-1), cfg.threshold)["consistentee"]
-    grid, ours = [], []  # ours: the validation point at cfg.threshold of each alpha of cfg.reward
-    for reward in cee.REWARDS:
-        for alpha in alpha_grid(cfg):
-            best = cee.best_exits(logits, target, memorized, alpha, reward)
-            log(f"reward {reward} alpha {alpha}: reward-optimal exit layer (knowing the targets) "
-                + shares(best, L))
-            model.policies.load_state_dict(init)
-            run_stage(model, 2, task, memorized, replace(cfg, reward=reward), alpha, train_pass,
-                      resumable=False, name=f"stage 2 {reward} alpha {alpha}")
-            with torch.no_grad():
-                p = cee.policy_probs(model, s_val, logits_val)  # (B, L)
-            points = cee.sweep("consistentee", thresholds, logits_val, y_val, p)
-            grid.append({"reward": reward, "alpha": alpha, "validation": points,
-                         "policies": policy_weights(model)})
-            at = next(m for m in points if m["param"] == cfg.threshold)
-            log(f"reward {reward} alpha {alpha}: validation {at['accuracy']:.3f} at "
-                f"{at['avg_layers']:.2f} layers (threshold {cfg.threshold}; full depth {full_val:.3f})")
-            if reward == cfg.reward:
-                ours.append({**at, "cell": len(grid) - 1})
-    for reward in cee.REWARDS:  # each reward's whole front on validation, every alpha and threshold
-        points = [m for c in grid if c["reward"] == reward for m in c["validation"]]
-        best = cee.best_speedups(points, full_val)["consistentee"]
-        log(f"reward {reward} on validation: best speed-up at no loss {best['no_loss'] or 0:.2f}x, "
-            f"within 1 point {best['within_1_point'] or 0:.2f}x")
-    chosen = cee.pick(ours, full_val)
-    alpha = grid[chosen["cell"]]["alpha"]
-    model.policies.load_state_dict(grid[chosen["cell"]]["policies"])
-    log(f"picked on validation (full depth {full_val:.3f}): reward {cfg.reward} alpha {alpha}, "
-        f"{chosen['accuracy']:.3f} at {chosen['avg_layers']:.2f} layers (threshold {cfg.threshold})")
-    return alpha, grid
-
-
-def policy_weights(model):
-    """A copy of the exit policies' weights, to start from or come back to."""
-    return {k: v.clone() for k, v in model.policies.state_dict().items()}
-
-
-def control(task, memorized, alpha, policies, cfg):
-    """
-    The fair test of stage 3: from the stage-1 model, as many steps of stage 1's weighted loss as
-    stage 3 takes (same inputs, learning rate and schedule), then stage 2 at the same alpha, starting
-    from the same policies, on the new backbone's states. Written to out_dir/control.pt. Being a
-    stage-1 run, it takes stage 1's random draws (the order of stage 1's first epoch), stage 3 its own.
-    """
-    t0 = time.time()
-    model, _, _ = load("stage1.pt", cfg)
-    like_stage3 = replace(cfg, epochs1=cfg.epochs3, lr1=cfg.lr3)
-    run_stage(model, 1, {"train": task["train_rl"]}, None, like_stage3, resumable=False,
-              name="control")
-    model.policies.load_state_dict(policies)
-    train_pass = gathered_layers(model, task["train_rl"], cfg)
-    run_stage(model, 2, task, memorized, cfg, alpha, train_pass, resumable=False,
-              name="control policy")
-    write(os.path.join(cfg.out_dir, "control.pt"), checkpoint(model, "control", memorized, cfg, alpha))
-    return time.time() - t0
-
-
-def shares(layers, L):
-    """'1:0.53 2:0.15 ...': the share of inputs at each layer."""
-    return " ".join(f"{l}:{(layers == l).float().mean():.2f}" for l in range(1, L + 1))
+def checkpoint(model, stage, memorized, cfg, alpha, **extra):
+    """What a checkpoint holds: the weights, how to rebuild the model, the run's options, where it
+    stands (resume.pt adds the optimiser and the place in the data, stage2.pt the grid)."""
+    return {"model": model.state_dict(), "model_config": asdict(model.config),
+            "config": asdict(cfg), "stage": stage, "memorized": memorized, "alpha": alpha, **extra}
 
 
 def write(path, checkpoint):
@@ -467,16 +376,10 @@ def write(path, checkpoint):
         except OSError as e:
             if os.path.exists(path + ".tmp"):
                 os.remove(path + ".tmp")
-            error = f"train.py: cannot write {path} ({e.strerror or e}); the previous file there is kept"
+            error = (f"{PROG}: cannot write {path} ({e.strerror or e}); "
+                     "the previous file there is kept")
     if not all_ok(error is None):
-        raise SystemExit(error or f"train.py: rank 0 could not write {path}")
-
-
-def checkpoint(model, stage, memorized, cfg, alpha, **extra):
-    """What a checkpoint holds: the weights, how to rebuild the model, the run's options, where it
-    stands."""
-    return {"model": model.state_dict(), "model_config": asdict(model.config), "config": asdict(cfg),
-            "stage": stage, "memorized": memorized, "alpha": alpha, **extra}
+        raise SystemExit(error or f"{PROG}: rank 0 could not write {path}")
 
 
 def save(model, stage, memorized, cfg, alpha=0.0, **extra):
@@ -484,36 +387,275 @@ def save(model, stage, memorized, cfg, alpha=0.0, **extra):
     write(path, checkpoint(model, stage, memorized, cfg, alpha, **extra))
 
 
-SAME_DATA_AND_MODEL = ("task", "init", "seed", "max_len", "pool", "policy_conf", "lm_vocab", "lm_windows",
-                       "lm_rl_windows", "lm_test_windows")
+SAME_DATA_AND_MODEL = ("task", "init", "seed", "max_len", "pool", "policy_conf", "lm_vocab",
+                       "lm_windows", "lm_rl_windows", "lm_test_windows")
 
 
 def load(name, cfg, must_match=SAME_DATA_AND_MODEL):
-    """A checkpoint in out_dir (stage1.pt .. stage3.pt, control.pt, resume.pt): (model, memorized, the
-    checkpoint)."""
+    """A checkpoint in out_dir (stage1.pt .. stage3.pt, control.pt, resume.pt): (model, memorized,
+    the checkpoint). It must have been trained with the same must_match options as cfg."""
     path = os.path.join(cfg.out_dir, name)
     if not os.path.isfile(path):
-        raise SystemExit(f"train.py: {path} is missing; run the stages before it first")
-    try:
-        ckpt = torch.load(path, map_location=cfg.device, weights_only=True)
-        saved = ckpt["config"]
-        default = parse_args([f"--task={saved.get('task', TrainConfig.task)}"])  # its task's defaults
-    except Exception as e:  # corrupt file, or one written by another version
-        raise SystemExit(f"train.py: cannot load {path}: {str(e).splitlines()[0]}") from None
+        raise SystemExit(f"{PROG}: {path} is missing; run the stages before it first")
+    model, ckpt = load_model(path, PROG, cfg.device)
+    if not isinstance(ckpt.get("config"), dict) or "memorized" not in ckpt:
+        raise SystemExit(f"{PROG}: cannot load {path}: it holds no training options; "
+                         "is it a checkpoint written by train.py?")
+    saved = ckpt["config"]
+    default = parse_args([f"--task={saved.get('task', TrainConfig.task)}"])  # its task's defaults
     for key in must_match:  # e.g. the memorized layers are indexed by position in this very split
-        was = saved.get(key, getattr(default, key))  # an option newer than the file: its default then
+        was = saved.get(key, getattr(default, key))  # an option newer than the file: its default
         if was != getattr(cfg, key):
-            raise SystemExit(f"train.py: {path} was trained with --{key}={was}, not {getattr(cfg, key)}")
-    try:
-        model = (Decoder if cfg.task == "lm" else Encoder)(Config(**ckpt["model_config"])).to(cfg.device)
-        model.load_state_dict(ckpt["model"])
-    except Exception as e:
-        raise SystemExit(f"train.py: cannot load {path}: {str(e).splitlines()[0]}") from None
+            raise SystemExit(f"{PROG}: {path} was trained with --{key}={was}, "
+                             f"not {getattr(cfg, key)}")
     return model, ckpt["memorized"], ckpt
 
 
 # -----------------------------------------------------------------------------
+# the training loop, the same for every stage
+
+
+def lr_factor(step, total, warmup):
+    """The learning rate's multiplier: linear warm-up over min(warmup, total // 10) steps, then
+    linear decay to 0."""
+    w = min(warmup, total // 10)
+    return (step + 1) / (w + 1) if step < w else (total - step) / (total - w)
+
+
+def stage_inputs(model, stage, task, memorized, train_pass, cfg, g):
+    """
+    What a stage trains on: (batches per epoch, epoch(e) -> that epoch's batches, forward(batch) ->
+    states, logits, labels and memorized layers of its inputs). Stage 2 reads the frozen backbone's
+    states cached in train_pass (shuffled by g); stages 1 and 3 run the backbone on each batch,
+    stage 3 on the inputs whose memorized layers are kept.
+    """
+    if stage == 2:
+        s_all, logits_all, labels_all = train_pass
+        n = cfg.batch_size * (len(s_all) // len(task.splits["train_rl"]))  # a window gives T rows
+
+        def epoch(e):
+            return ({"index": i} for i in torch.randperm(len(s_all), generator=g).split(n))
+
+        def forward(b):
+            i = b["index"]
+            return s_all[i], logits_all[i], labels_all[i], memorized[i]
+        return math.ceil(len(s_all) / n), epoch, forward
+    split = task.splits["train" if stage == 1 else "train_rl"]
+    seed = cfg.seed + cfg.train_seed + 1000 * stage
+
+    def epoch(e):
+        return data.batches(split, cfg.batch_size, shuffle=True, seed=seed + e, device=cfg.device)
+
+    def forward(b):
+        logits, s, labels = task.outputs(model, b)
+        mem = None if memorized is None else memorized.view(len(split), -1)[b["index"]].flatten()
+        return s, logits, labels, mem
+    return math.ceil(len(split) / cfg.batch_size), epoch, forward
+
+
+def optimizer(model, stage, per_epoch, cfg):
+    """(parameters, AdamW, its schedule, number of steps): stage 2 trains the policies alone."""
+    epochs, lr = {1: (cfg.epochs1, cfg.lr1), 2: (cfg.epochs2, cfg.lr2),
+                  3: (cfg.epochs3, cfg.lr3)}[stage]
+    params = list((model.policies if stage == 2 else model).parameters())
+    total = math.ceil(epochs * per_epoch)
+    total = min(total, cfg.max_steps) if cfg.max_steps else total
+    opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, cfg.beta2),
+                            weight_decay=0.0 if stage == 2 else 0.01)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: lr_factor(i, total, cfg.warmup))
+    return params, opt, sched, total
+
+
+def progress(opt, sched, step, epoch, batch, batch_rng, cfg):
+    """Where a stage stands, for resume.pt: enough to continue bit for bit."""
+    return dict(optimizer=opt.state_dict(), scheduler=sched.state_dict(), step=step, epoch=epoch,
+                batch=batch, rng=rng_states(cfg), batch_rng=batch_rng)
+
+
+def restore(resume, opt, sched, g, cfg):
+    """Continue from progress(): optimiser, schedule, random streams; returns (step, epoch, batches
+    of that epoch already done)."""
+    opt.load_state_dict(resume["optimizer"])
+    sched.load_state_dict(resume["scheduler"])
+    if len(resume["rng"]) != WORLD:
+        raise SystemExit(f"{PROG}: resume.pt was written by {len(resume['rng'])} processes, "
+                         f"not {WORLD}")
+    cpu_rng, cuda_rng = resume["rng"][RANK]
+    torch.set_rng_state(cpu_rng.cpu())  # RNG states must be CPU tensors, wherever the model lives
+    g.set_state(resume["batch_rng"].cpu())
+    if cuda_rng is not None and cfg.device.startswith("cuda"):
+        torch.cuda.set_rng_state(cuda_rng.cpu())
+    return resume["step"], resume["epoch"], resume["batch"]
+
+
+def batch_loss(model, stage, s, logits, labels, memorized, alpha, cfg):
+    """cee.stage_loss of the batch; when its logits hold a NaN or inf, no loss and a NaN to log
+    (the run then stops)."""
+    if not torch.isfinite(logits).all():
+        return None, {"logits": math.nan}
+    return cee.stage_loss(model, stage, s, logits, labels, memorized, alpha, **method_options(cfg))
+
+
+def log_step(name, step, total, logs, lr, seconds):
+    if MASTER:
+        kv = " ".join(f"{k} {v:.4f}" for k, v in logs.items())
+        tqdm.write(f"{name} step {step}/{total} {kv} lr {lr:.2e} s/step {seconds / step:.3f}",
+                   file=sys.stderr)
+
+
+def stop_unless_finite(logs, name, step):
+    """A NaN or inf in the logits, losses or rewards, in any process, stops every process."""
+    if not all_ok(all(math.isfinite(v) for v in logs.values())):
+        bad = [k for k, v in logs.items() if not math.isfinite(v)] or "values in another process"
+        raise SystemExit(f"{PROG}: non-finite {bad} at {name} step {step + 1}; stopped, "
+                         "the saved checkpoints are kept")
+
+
+def run_stage(model, stage, task, cfg, memorized=None, train_pass=None, alpha=0.0, resume=None,
+              resumable=True, name=None):
+    """
+    One optimiser loop for any stage; the stage decides the parameters, the inputs and the loss.
+    memorized: the memorized layers of task's train_rl inputs (stages 2 and 3); train_pass:
+    all_layers() of them by this model (stage 2); alpha: the reward's depth penalty; resume: a
+    resume.pt of this stage, to continue from; resumable: write out_dir/resume.pt as it goes.
+    """
+    name = name or f"stage {stage}"
+    torch.manual_seed(cfg.seed + cfg.train_seed + stage)  # each stage reproducible on its own
+    g = torch.Generator().manual_seed(cfg.seed + cfg.train_seed + stage)  # stage 2's shuffles
+    per_epoch, epoch_batches, forward = stage_inputs(model, stage, task, memorized, train_pass,
+                                                     cfg, g)
+    params, opt, sched, total = optimizer(model, stage, per_epoch, cfg)
+    step, epoch, skip = restore(resume, opt, sched, g, cfg) if resume else (0, 0, 0)
+    model.train()
+    t0 = time.time()
+    bar = tqdm(total=total, initial=step, desc=name, file=sys.stderr, dynamic_ncols=True,
+               disable=not MASTER)
+    while step < total:
+        batch_rng = g.get_state()  # where this epoch's shuffle starts, for resume.pt
+        for j, b in enumerate(epoch_batches(epoch)):
+            b, fraction = my_share(b)  # this process's rows: all of them in a single process
+            if j < skip or b is None:  # done before the run was stopped, or too small to share
+                continue
+            s, logits, labels, mem = forward(b)
+            loss, logs = batch_loss(model, stage, s, logits, labels, mem, alpha, cfg)
+            stop_unless_finite(logs, name, step)
+            opt.zero_grad(set_to_none=True)
+            (loss * fraction).backward()
+            sum_gradients(params)
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            sched.step()
+            step += 1
+            bar.update()
+            if resumable and (step % cfg.ckpt_interval == 0 or step == total):
+                write(os.path.join(cfg.out_dir, "resume.pt"), checkpoint(
+                    model, stage, memorized, cfg, alpha,
+                    **progress(opt, sched, step, epoch, j + 1, batch_rng, cfg)))
+            if step % cfg.log_interval == 0 or step == total:
+                log_step(name, step, total, logs, sched.get_last_lr()[0], time.time() - t0)
+            if step == total:
+                break
+        epoch, skip = epoch + 1, 0
+    bar.close()
+    return time.time() - t0
+
+
+# -----------------------------------------------------------------------------
+# the stages around the loop: hardness, the policy grid, the control
+
+
+def memorized_of(logits, labels, cfg):
+    """Each input's memorized layer, against what cfg.policy_target names (the label or the full
+    depth's argmax)."""
+    target = cee.reward_target(logits, labels, cfg.policy_target)
+    return cee.memorized_layer(logits.argmax(-1), target)
+
+
+def shares(layers, L):
+    """'1:0.53 2:0.15 ...': the share of inputs at each layer."""
+    return " ".join(f"{l}:{(layers == l).float().mean():.2f}" for l in range(1, L + 1))
+
+
+def policy_grid(model, task, memorized, train_pass, cfg):
+    """
+    Stage 2 for every reward and every alpha of --alphas: fresh policies each time, trained on
+    the cached states of the frozen stage-1 model, then swept over the threshold on the
+    validation split. Leaves in model.policies those of cfg.reward at the alpha picked on
+    validation: the best speed-up at cfg.threshold within 1 point of full depth (never picked on
+    the test split).
+    Returns (the picked alpha, the grid: a list of {reward, alpha, policies, validation points}).
+    """
+    init = policy_weights(model)
+    s_val, logits_val, y_val = gathered_layers(task, model, task.splits["validation"], cfg)
+    full_val = (logits_val[:, -1].argmax(-1) == y_val).float().mean().item()
+    logits, labels = train_pass[1:]
+    target = cee.reward_target(logits, labels, cfg.policy_target)
+    L = model.config.n_layer
+    thresholds = cee.grids(L, logits.size(-1), cfg.threshold)["consistentee"]
+    grid, ours = [], []  # ours: the validation point at cfg.threshold of each alpha of cfg.reward
+    for reward in cee.REWARDS:
+        for alpha in alpha_grid(cfg):
+            best = cee.best_exits(logits, target, memorized, alpha, reward)
+            log(f"reward {reward} alpha {alpha}: reward-optimal exit layer (knowing the targets) "
+                + shares(best, L))
+            model.policies.load_state_dict(init)
+            run_stage(model, 2, task, replace(cfg, reward=reward), memorized, train_pass, alpha,
+                      resumable=False, name=f"stage 2 {reward} alpha {alpha}")
+            with torch.no_grad():
+                p = cee.policy_probs(model, s_val, logits_val)  # (B, L)
+            points = cee.sweep("consistentee", thresholds, logits_val, y_val, p)
+            grid.append({"reward": reward, "alpha": alpha, "validation": points,
+                         "policies": policy_weights(model)})
+            at = next(m for m in points if m["param"] == cfg.threshold)
+            log(f"reward {reward} alpha {alpha}: validation {at['accuracy']:.3f} at "
+                f"{at['avg_layers']:.2f} layers (threshold {cfg.threshold}; "
+                f"full depth {full_val:.3f})")
+            if reward == cfg.reward:
+                ours.append({**at, "cell": len(grid) - 1})
+    for reward in cee.REWARDS:  # each reward's whole front on validation, every alpha and threshold
+        points = [m for c in grid if c["reward"] == reward for m in c["validation"]]
+        best = cee.best_speedups(points, full_val)["consistentee"]
+        log(f"reward {reward} on validation: best speed-up at no loss {best['no_loss'] or 0:.2f}x, "
+            f"within 1 point {best['within_1_point'] or 0:.2f}x")
+    chosen = cee.pick(ours, full_val)
+    alpha = grid[chosen["cell"]]["alpha"]
+    model.policies.load_state_dict(grid[chosen["cell"]]["policies"])
+    log(f"picked on validation (full depth {full_val:.3f}): reward {cfg.reward} alpha {alpha}, "
+        f"{chosen['accuracy']:.3f} at {chosen['avg_layers']:.2f} layers "
+        f"(threshold {cfg.threshold})")
+    return alpha, grid
+
+
+def policy_weights(model):
+    """A copy of the exit policies' weights, to start from or come back to."""
+    return {k: v.clone() for k, v in model.policies.state_dict().items()}
+
+
+def control(task, memorized, alpha, policies, cfg):
+    """
+    The fair test of stage 3: from the stage-1 model, as many steps of stage 1's weighted loss as
+    stage 3 takes (same inputs, learning rate and schedule), then stage 2 at the same alpha,
+    starting from the same policies, on the new backbone's states. Written to out_dir/control.pt.
+    Being a stage-1 run, it takes stage 1's random draws (the order of stage 1's first epoch),
+    stage 3 its own.
+    """
+    t0 = time.time()
+    model, _, _ = load("stage1.pt", cfg)
+    on_stage3_inputs = replace(task, splits=task.splits | {"train": task.splits["train_rl"]})
+    run_stage(model, 1, on_stage3_inputs, replace(cfg, epochs1=cfg.epochs3, lr1=cfg.lr3),
+              resumable=False, name="control")
+    model.policies.load_state_dict(policies)
+    train_pass = gathered_layers(task, model, task.splits["train_rl"], cfg)
+    run_stage(model, 2, task, cfg, memorized, train_pass, alpha, resumable=False,
+              name="control policy")
+    write(os.path.join(cfg.out_dir, "control.pt"),
+          checkpoint(model, "control", memorized, cfg, alpha))
+    return time.time() - t0
+
+
+# -----------------------------------------------------------------------------
 # evaluation: ConsistentEE against the classic exit rules, on the test split
+
 
 def timed_exits(model, split, rule, cfg):
     """Wall-clock seconds of early-exit inference over a split, batches of 64 built beforehand."""
@@ -534,11 +676,11 @@ def evaluate_and_report(task, cfg, seconds):
     Writes report.json and tradeoff.png (report.py), and prints the table.
     """
     t0 = time.time()
-    test = task["test"]
+    test = task.splits["test"]
     m1, _, _ = load("stage1.pt", cfg)
     grid = load("stage2.pt", cfg)[2]["grid"]
     m3, _, ck3 = load("stage3.pt", cfg)
-    s1, lg1, y = all_layers(m1, test, cfg)  # stage 2 trained policies only: its backbone is stage 1's
+    s1, lg1, y = all_layers(task, m1, test, cfg.device)  # stage 2's backbone is stage 1's
     L, n = lg1.shape[1:]
     g = cee.grids(L, n, cfg.threshold)
     methods, source = [], {}  # source: id of a point -> the outputs it was swept on
@@ -560,7 +702,7 @@ def evaluate_and_report(task, cfg, seconds):
             m1.policies.load_state_dict(cell["policies"])
             add("consistentee", g["consistentee"], lg1, cee.policy_probs(m1, s1, lg1),
                 alpha=cell["alpha"], reward=cell["reward"], stage=2)
-        s3, lg3, _ = all_layers(m3, test, cfg)
+        s3, lg3, _ = all_layers(task, m3, test, cfg.device)
         p3 = cee.policy_probs(m3, s3, lg3)
     ours = add("consistentee", g["consistentee"], lg3, p3, alpha=ck3["alpha"], reward=cfg.reward,
                stage=3)
@@ -577,8 +719,8 @@ def evaluate_and_report(task, cfg, seconds):
                                        "threshold": cfg.threshold, "target": cfg.policy_target},
            "versus_baselines": report.versus_baselines(methods, right, operating, full)}
     if cfg.control:
-        out["stage3_vs_control"] = against_control(m3, p3, lg3, y, test, g["consistentee"], cfg)
-    if cfg.task != "lm":  # a language model's time is measured generating: generate.py, bench.py
+        out["stage3_vs_control"] = against_control(task, m3, p3, lg3, y, g["consistentee"], cfg)
+    if task.timed:
         seconds["test_full_depth"] = timed_exits(m3, test, cee.ExitRule("static", L), cfg)
         policy = cee.ExitRule("consistentee", cfg.threshold)
         seconds["test_consistentee"] = timed_exits(m3, test, policy, cfg)
@@ -592,11 +734,11 @@ def evaluate_and_report(task, cfg, seconds):
     return out
 
 
-def against_control(m3, p3, lg3, y, test, thresholds, cfg):
+def against_control(task, m3, p3, lg3, y, thresholds, cfg):
     """Stage 3 against the control (stage 1's loss for as many steps, then stage 2): each one's full
     depth, every exit head, the policy's operating point and best speed-ups; paired differences."""
     mc, _, _ = load("control.pt", cfg)
-    sc, lgc, _ = all_layers(mc, test, cfg)
+    sc, lgc, _ = all_layers(task, mc, task.splits["test"], cfg.device)
     with torch.no_grad():
         pc = cee.policy_probs(mc, sc, lgc)
     out, right = {}, {}
@@ -613,100 +755,63 @@ def against_control(m3, p3, lg3, y, test, thresholds, cfg):
     return out
 
 
-def load_task(cfg):
-    """The splits: train (stage 1), train_rl (stages 2 and 3: the inputs whose memorized layers are
-    kept), validation and test. A language model's inputs are windows of tokens, a classifier's texts."""
-    if cfg.task == "lm":
-        if cfg.init == "scratch":
-            vocab = cfg.lm_vocab
-        else:  # a GPT-2 folder: its own vocabulary
-            with open(os.path.join(cfg.init, "config.json")) as f:
-                vocab = json.load(f)["vocab_size"]
-        task = data.lm_task(vocab, cfg.max_len, cfg.lm_windows, cfg.lm_test_windows, cfg.seed)
-        return task | {"train_rl": task["train"][:cfg.lm_rl_windows]}
-    path = data.minilm_path() if cfg.init == "minilm" else cfg.init
-    task = data.load_task(cfg.task, data.WordPiece(os.path.join(path, "vocab.txt")), cfg.max_len, cfg.seed)
-    return task | {"train_rl": task["train"]}
+# -----------------------------------------------------------------------------
+# main: the stages in order, then the evaluation
 
 
-def new_model(cfg, task):
-    """Stage 1's model: pretrained weights (BERT, GPT-2), or a decoder from scratch; fresh exit policies."""
-    if cfg.task != "lm":
-        path = data.minilm_path() if cfg.init == "minilm" else cfg.init
-        return Encoder.from_pretrained(path, n_labels=len(task["label_names"]), pool=cfg.pool,
-                                       policy_conf=cfg.policy_conf)
-    if cfg.init != "scratch":
-        return Decoder.from_pretrained(cfg.init, policy_conf=cfg.policy_conf)
-    C = cfg.lm_width
-    return Decoder(Config(n_layer=cfg.lm_layers, n_head=cfg.lm_heads, n_embd=C, n_inner=4 * C, vocab_size=cfg.lm_vocab,
-                          block_size=cfg.max_len, act="gelu", ln_eps=1e-5, dropout=0.0, policy_conf=cfg.policy_conf))
-
-
-def main(argv):
-    cfg = parse_args(argv)
-    cfg.device = pick_device(cfg.device)
-    if WORLD > 1:  # started by torchrun
-        if cfg.batch_size % WORLD:
-            raise SystemExit(f"train.py: --batch_size={cfg.batch_size} must be a multiple of the {WORLD} processes")
-        dist.init_process_group("nccl" if cfg.device.startswith("cuda") else "gloo")
-        if cfg.device.startswith("cuda"):
-            cfg.device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
-            torch.cuda.set_device(cfg.device)
-    torch.manual_seed(cfg.seed)
-    try:
-        task = load_task(cfg)
-    except (OSError, ValueError, RuntimeError, KeyError) as e:
-        raise SystemExit(f"train.py: {e}") from None
-    log(f"task {cfg.task}: " + ", ".join(f"{k} {len(task[k])}" for k in ("train", "validation", "test")))
-    seconds, resume, train_pass, alpha = {}, None, None, None
-    if not cfg.resume and MASTER and os.path.exists(os.path.join(cfg.out_dir, "resume.pt")):
-        os.remove(os.path.join(cfg.out_dir, "resume.pt"))  # an earlier run's: never resume into it
+def starting_point(task, cfg):
+    """(model, memorized layers of the train_rl inputs or None, first stage to run, its alpha,
+    the resume.pt to continue from or None)."""
     if cfg.resume:  # the run must be the one that wrote resume.pt, but for where it writes and logs
         free = ("out_dir", "resume", "stage", "device", "log_interval", "ckpt_interval")
         same = [f.name for f in fields(TrainConfig) if f.name not in free]
         model, memorized, resume = load("resume.pt", cfg, same)
-        first, alpha = resume["stage"], resume.get("alpha")
-    elif cfg.stage == 2:
-        model, _, _ = load("stage1.pt", cfg)
-        memorized, first = None, 2  # computed again below: they depend on --policy_target
-    elif cfg.stage == 3:
+        return model, memorized, resume["stage"], resume.get("alpha"), resume
+    if cfg.stage == 2:  # the memorized layers are computed again: they depend on --policy_target
+        return load("stage1.pt", cfg)[0], None, 2, None, None
+    if cfg.stage == 3:
         same_policies = SAME_DATA_AND_MODEL + ("policy_target", "reward", "alphas")
         model, memorized, ckpt = load("stage2.pt", cfg, same_policies)
-        first, alpha = 3, ckpt.get("alpha")
-    else:
-        try:
-            model = new_model(cfg, task).to(cfg.device)
-        except (OSError, ValueError, KeyError) as e:
-            raise SystemExit(f"train.py: {e}") from None
-        memorized, first = None, 1
-    if first == 3 and alpha is None:
-        raise SystemExit("train.py: that checkpoint predates the alpha grid; rerun from --stage=2")
-    if cfg.task == "lm":  # every layer's logits of the stage-2 windows are kept; a batch (with gradients) has them too
-        c = model.config
-        windows = max(cfg.lm_rl_windows, 2 * cfg.lm_test_windows, 3 * cfg.batch_size)
-        gib = windows * cfg.max_len * c.n_layer * c.vocab_size * 4 / 2**30
-        if gib > 8:
-            raise SystemExit(f"train.py: every layer's logits of {windows} windows would take {gib:.0f} GiB; lower "
-                             "--lm_rl_windows, --lm_test_windows, --batch_size or --max_len")
-    if cfg.max_len > model.config.block_size:
-        raise SystemExit(f"train.py: --max_len={cfg.max_len} exceeds the model's {model.config.block_size} positions")
-    if first == 2 and memorized is None:
-        train_pass, memorized = hardness(model, task, cfg)
+        if ckpt.get("alpha") is None:
+            raise SystemExit(f"{PROG}: that checkpoint predates the alpha grid; rerun --stage=2")
+        return model, memorized, 3, ckpt["alpha"], None
+    try:
+        return task.new_model().to(cfg.device), None, 1, None, None
+    except (OSError, ValueError, KeyError) as e:
+        raise SystemExit(f"{PROG}: {e}") from None
+
+
+def main(argv):
+    cfg = parse_args(argv)
+    cfg.device = pick_device(cfg.device, PROG)
+    start_processes(cfg)
+    torch.manual_seed(cfg.seed)
+    try:
+        task = build_task(cfg)
+    except (OSError, ValueError, RuntimeError, KeyError) as e:
+        raise SystemExit(f"{PROG}: {e}") from None
+    log(f"task {cfg.task}: " + ", ".join(f"{k} {len(task.splits[k])}"
+                                         for k in ("train", "validation", "test")))
+    if not cfg.resume and MASTER and os.path.exists(os.path.join(cfg.out_dir, "resume.pt")):
+        os.remove(os.path.join(cfg.out_dir, "resume.pt"))  # an earlier run's: never resume into it
+    model, memorized, first, alpha, resume = starting_point(task, cfg)
+    check_memory(task, model, cfg)
+    seconds = {}
     for stage in range(first, 4):
         t0, extra = time.time(), {}
-        if stage == 2:  # one set of policies per reward and alpha, on the states computed once
-            if train_pass is None:  # a resume.pt of stage 2, written before stage 2 became a grid
-                train_pass = gathered_layers(model, task["train_rl"], cfg)
+        if stage == 2:  # one set of policies per reward and alpha, on states computed once
+            train_pass = gathered_layers(task, model, task.splits["train_rl"], cfg)
+            if memorized is None:  # after stage 1, or from stage1.pt (--stage=2)
+                memorized = memorized_of(train_pass[1], train_pass[2], cfg)
+                log("memorized layer of the training inputs: "
+                    + shares(memorized, model.config.n_layer))
             alpha, extra["grid"] = policy_grid(model, task, memorized, train_pass, cfg)
         else:
-            run_stage(model, stage, task, memorized, cfg, alpha, train_pass,
+            run_stage(model, stage, task, cfg, memorized, None, alpha,
                       resume if stage == first else None)
         seconds[f"stage{stage}"] = time.time() - t0
-        if stage == 1:
-            train_pass, memorized = hardness(model, task, cfg)
         save(model, stage, memorized, cfg, alpha or 0.0, **extra)
-        if WORLD > 1:
-            check_replicas(model, stage)
+        check_replicas(model, stage)
     if cfg.control:
         policies = load("stage2.pt", cfg)[0].policies.state_dict()
         seconds["control"] = control(task, memorized, alpha, policies, cfg)

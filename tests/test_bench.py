@@ -12,10 +12,13 @@ import cee
 from model import Config, Decoder, Encoder
 
 
+def run(args, cwd):
+    return subprocess.run([sys.executable, str(Path(bench.__file__)), *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=600)
+
+
 def test_bench_json_shape(tmp_path):
-    r = subprocess.run([sys.executable, str(Path(bench.__file__)), "--json", "--repeats=1",
-                        f"--ckpt={tmp_path / 'none.pt'}", f"--lm_ckpt={tmp_path / 'none.pt'}"],
-                       capture_output=True, text=True, timeout=600)
+    r = run(["--json", "--repeats=1"], tmp_path)  # no out/ nor out_lm/ there: random weights
     assert r.returncode == 0, r.stderr[-2000:]
     out = json.loads(r.stdout)  # the whole output is one JSON object
     assert out["model"] == "random-init MiniLM shape"
@@ -29,10 +32,33 @@ def test_bench_json_shape(tmp_path):
     assert out["policy_exit_speedup"] is None and "run python train.py --task=lm" in out["lm_model"]
 
 
+@pytest.mark.parametrize("args,msg", [
+    (["--repets=3"], "bench.py: unknown option '--repets=3'"),
+    (["--repeats=many"], "bench.py: --repeats expects int, got 'many'"),
+    (["--repeats=0"], "bench.py: --repeats must be >= 1"),
+    (["--ckpt=missing.pt"], "bench.py: missing.pt is missing"),
+    (["--ckpt=bad.pt"], "bench.py: cannot load bad.pt"),
+    (["--ckpt=lm.pt"], "bench.py: lm.pt holds a language model; bench.py needs a classification"),
+])
+def test_bad_options_and_checkpoints_are_one_line(tmp_path, args, msg):
+    (tmp_path / "bad.pt").write_bytes(b"half a checkpoint")
+    lm = Decoder(Config(n_layer=2, n_head=2, n_embd=16, n_inner=32, vocab_size=50, block_size=8))
+    torch.save({"model": lm.state_dict(), "model_config": vars(lm.config)}, tmp_path / "lm.pt")
+    r = run(args, tmp_path)
+    assert r.returncode == 1 and msg in r.stderr and "Traceback" not in r.stderr
+
+
+def test_help_lists_the_options(tmp_path):
+    r = run(["--help"], tmp_path)
+    assert r.returncode == 0 and "realized_over_layer_speedup" in r.stdout
+    assert all(f"{key}:" in r.stdout for key in ("ckpt", "lm_ckpt", "repeats", "device", "json"))
+
+
 def test_lm_generation_figures(tmp_path):
     """The language-model half of bench.py on a small random decoder saved as train.py saves one."""
     torch.manual_seed(0)
-    model = Decoder(Config(n_layer=3, n_head=2, n_embd=32, n_inner=64, vocab_size=257, block_size=128, dropout=0.0))
+    model = Decoder(Config(n_layer=3, n_head=2, n_embd=32, n_inner=64, vocab_size=257,
+                           block_size=128, dropout=0.0))
     with torch.no_grad():
         for pol in model.policies:
             pol.net[-1].weight.mul_(40)  # decisive policies: tokens exit at different layers
@@ -47,7 +73,8 @@ def test_lm_generation_figures(tmp_path):
 
 def test_timed_rule_decides_like_the_rule_and_counts_time():
     torch.manual_seed(0)
-    model = Encoder(Config(n_layer=3, n_head=2, n_embd=16, n_inner=32, vocab_size=40, block_size=16)).eval()
+    model = Encoder(Config(n_layer=3, n_head=2, n_embd=16, n_inner=32, vocab_size=40,
+                           block_size=16)).eval()
     ids, mask = torch.randint(0, 40, (5, 8)), torch.ones(5, 8, dtype=torch.long)
     rule = cee.ExitRule("consistentee", 0.5)
     want = cee.early_exit(model, ids, mask, rule)
@@ -55,30 +82,32 @@ def test_timed_rule_decides_like_the_rule_and_counts_time():
     got = cee.early_exit(model, ids, mask, timed)
     timed.unclock(model)
     assert all(torch.equal(a, b) for a, b in zip(want, got)) and timed.seconds > 0
-    assert not any(isinstance(p, bench.Clocked) for p in model.policies) and "policy_input" not in vars(model)
-
-
-def test_bench_rejects_unknown_option():
-    with pytest.raises(SystemExit, match="unknown option --fast"):
-        bench.main(["--fast"])
+    assert (not any(isinstance(p, bench.Clocked) for p in model.policies)
+            and "policy_input" not in vars(model))
 
 
 def test_full_depth_baseline_answers_as_early_exit():
-    """The bench's baselines compute the same predictions as early exit told to run 3 layers (all) or 2."""
+    """
+    The bench's baselines compute the same predictions as early exit told to run 3 layers (all)
+    or 2.
+    """
     torch.manual_seed(0)
-    model = Encoder(Config(n_layer=3, n_head=2, n_embd=16, n_inner=32, vocab_size=40, block_size=16, n_labels=5)).eval()
+    model = Encoder(Config(n_layer=3, n_head=2, n_embd=16, n_inner=32, vocab_size=40, block_size=16,
+                           n_labels=5)).eval()
     ids, mask = torch.randint(0, 40, (6, 8)), torch.ones(6, 8, dtype=torch.long)
     mask[1, 5:] = mask[4, 2:] = 0  # (exits at layers 1, 2 and 3 predict differently here)
     preds, exits = cee.early_exit(model, ids, mask, cee.ExitRule("static", 3))
     with torch.inference_mode():
         assert torch.equal(bench.full_depth(model, ids, mask), preds) and exits.tolist() == [3] * 6
-        preds, _ = cee.early_exit(model, ids, mask, cee.ExitRule("static", 2))  # an exit known in advance
+        # an exit known in advance
+        preds, _ = cee.early_exit(model, ids, mask, cee.ExitRule("static", 2))
         assert torch.equal(bench.full_depth(model, ids, mask, layers=2), preds)
 
 
 def test_interleaved_pairs_each_input_and_sums_its_medians():
-    """On a fake clock: the pairs alternate input by input, and a slow repeat of each input (in different
-    rounds, so that the median of the per-round sums would move) does not move the result."""
+    """On a fake clock: the pairs alternate input by input, and a slow repeat of each input (in
+    different rounds, so that the median of the per-round sums would move) does not move the
+    result."""
     clock, calls = [0.0], []
 
     def work(name, seconds):
@@ -86,7 +115,8 @@ def test_interleaved_pairs_each_input_and_sums_its_medians():
             calls.append(name)
             clock[0] += seconds.pop(0) if isinstance(seconds, list) else seconds
         return f
-    fa = [work("a0", [1, 1, 100, 1]), work("a1", [3, 3, 3, 100])]  # the warm-up, then 3 repeats, one slow
+    # the warm-up, then 3 repeats, one slow
+    fa = [work("a0", [1, 1, 100, 1]), work("a1", [3, 3, 3, 100])]
     fb = [work("b0", 2), work("b1", 4)]
     assert bench.interleaved(fa, fb, 3, lambda: clock[0]) == pytest.approx((1 + 3) / (2 + 4))
     assert calls == ["a0", "b0", "a1", "b1"] * 4

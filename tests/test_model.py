@@ -11,8 +11,8 @@ TOL = 1e-4
 
 
 def save_bert(tmp_path, **kw):
-    cfg = dict(vocab_size=99, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=37,
-               max_position_embeddings=40, type_vocab_size=3)
+    cfg = dict(vocab_size=99, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
+               intermediate_size=37, max_position_embeddings=40, type_vocab_size=3)
     torch.manual_seed(0)
     hf = transformers.BertModel(transformers.BertConfig(**{**cfg, **kw})).eval()
     hf.save_pretrained(tmp_path)
@@ -20,7 +20,8 @@ def save_bert(tmp_path, **kw):
 
 
 def save_gpt2(tmp_path, **kw):
-    cfg = dict(vocab_size=101, n_embd=32, n_layer=3, n_head=4, n_positions=48, bos_token_id=0, eos_token_id=0)
+    cfg = dict(vocab_size=101, n_embd=32, n_layer=3, n_head=4, n_positions=48, bos_token_id=0,
+               eos_token_id=0)
     torch.manual_seed(0)
     hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(**{**cfg, **kw})).eval()
     hf.save_pretrained(tmp_path)
@@ -36,19 +37,23 @@ def bert_inputs(vocab, types, B=3, T=13):
 
 
 def max_diff(xs, ys, mask=None):
-    """Largest difference of two lists of states; with a mask, at the real tokens only (ours are 0 at padding)."""
+    """Largest difference of two lists of states; with a mask, at the real tokens only (ours are 0
+    at padding)."""
     m = 1 if mask is None else mask[:, :, None]
     return max(((x - y) * m).abs().max().item() for x, y in zip(xs, ys))
 
 
-@pytest.mark.parametrize("kw", [{}, {"hidden_act": "gelu_new"}, {"hidden_act": "relu", "layer_norm_eps": 1e-5},
-                                {"num_hidden_layers": 1, "num_attention_heads": 1}, {"is_decoder": True}])
+@pytest.mark.parametrize("kw", [{}, {"hidden_act": "gelu_new"},
+                                {"hidden_act": "relu", "layer_norm_eps": 1e-5},
+                                {"num_hidden_layers": 1, "num_attention_heads": 1},
+                                {"is_decoder": True}])
 def test_encoder_matches_hf_bert(tmp_path, kw):
     hf = save_bert(tmp_path, **kw)
     ours = Encoder.from_pretrained(tmp_path).eval()
     ids, mask, types = bert_inputs(hf.config.vocab_size, hf.config.type_vocab_size)
     with torch.no_grad():
-        want = hf(ids, attention_mask=mask, token_type_ids=types, output_hidden_states=True).hidden_states
+        want = hf(ids, attention_mask=mask, token_type_ids=types,
+                  output_hidden_states=True).hidden_states
         got = ours.layer_states(ids, mask, types)
     assert len(got) == len(want) == hf.config.num_hidden_layers + 1
     print(f"BERT {kw}: max abs diff {max_diff(got, want, mask):.1e}")
@@ -67,7 +72,8 @@ def test_encoder_cls_pool_loads_bert_pooler(tmp_path):
 
 
 def test_minilm_real_weights_match_hf():
-    """all-MiniLM-L6-v2 on 64 padded Rotten Tomatoes test inputs, at their real tokens (45% are padding)."""
+    """all-MiniLM-L6-v2 on 64 padded Rotten Tomatoes test inputs, at their real tokens (45% are
+    padding)."""
     import data
     path = data.minilm_path()
     hf = transformers.BertModel.from_pretrained(path).eval()
@@ -76,15 +82,18 @@ def test_minilm_real_weights_match_hf():
     b = next(data.batches(task["test"], 64))
     assert (b["attention_mask"] == 0).any()
     with torch.no_grad():
-        want = hf(b["input_ids"], attention_mask=b["attention_mask"], output_hidden_states=True).hidden_states
+        want = hf(b["input_ids"], attention_mask=b["attention_mask"],
+                  output_hidden_states=True).hidden_states
         got = ours.layer_states(b["input_ids"], b["attention_mask"])
     diff = max_diff(got, want, b["attention_mask"])
     print(f"all-MiniLM-L6-v2, 64 padded inputs: max abs diff {diff:.1e}")
     assert len(got) == 7 and diff <= TOL
 
 
-@pytest.mark.parametrize("kw", [{}, {"activation_function": "gelu"}, {"scale_attn_by_inverse_layer_idx": True},
-                                {"scale_attn_weights": False}, {"n_inner": 50, "layer_norm_epsilon": 1e-3},
+@pytest.mark.parametrize("kw", [{}, {"activation_function": "gelu"},
+                                {"scale_attn_by_inverse_layer_idx": True},
+                                {"scale_attn_weights": False},
+                                {"n_inner": 50, "layer_norm_epsilon": 1e-3},
                                 {"tie_word_embeddings": False}])
 def test_decoder_matches_hf_gpt2(tmp_path, kw):
     hf = save_gpt2(tmp_path, **kw)
@@ -101,33 +110,41 @@ def test_decoder_matches_hf_gpt2(tmp_path, kw):
 
 def test_layer_stepping_equals_full_forward():
     torch.manual_seed(0)
-    enc = Encoder(Config(n_layer=3, n_head=2, n_embd=16, n_inner=24, vocab_size=50, block_size=20)).eval()
+    enc = Encoder(Config(n_layer=3, n_head=2, n_embd=16, n_inner=24, vocab_size=50,
+                         block_size=20)).eval()
     ids, mask, _ = bert_inputs(50, 1, T=10)
     with torch.no_grad():
         states = enc.layer_states(ids, mask)
         tokens, bias = enc.real_tokens(mask), enc.attn_bias(mask)
         assert len(tokens) == mask.sum()
-        x, padded = enc.embed(ids, tokens=tokens), enc.embed(ids)  # the real tokens only, and all of the grid
+        # the real tokens only, and all of the grid
+        x, padded = enc.embed(ids, tokens=tokens), enc.embed(ids)
         for l in range(3):
             x, padded = enc.run_layer(l, x, bias, tokens), enc.run_layer(l, padded, bias)
-            assert x.shape == (mask.sum(), 16) and torch.allclose(unpack(x, tokens, 3, 10), states[l + 1], atol=1e-6)
-            assert torch.allclose(padded * mask[:, :, None], states[l + 1], atol=1e-6)  # the same at the real tokens
+            assert (x.shape == (mask.sum(), 16)
+                    and torch.allclose(unpack(x, tokens, 3, 10), states[l + 1], atol=1e-6))
+            # the same at the real tokens
+            assert torch.allclose(padded * mask[:, :, None], states[l + 1], atol=1e-6)
         logits, s = enc(ids, mask)
         assert logits.shape == (3, 3, 2) and s.shape == (3, 3, 16)
         s3 = enc.exit_state(states[3], enc.pool_weights(mask))
         assert torch.allclose(logits[:, 2], enc.exit_logits(2, s3), atol=1e-6)
-        assert torch.allclose(s3, (states[3] * mask[:, :, None]).sum(1) / mask.sum(1, keepdim=True), atol=1e-6)
+        assert torch.allclose(s3, (states[3] * mask[:, :, None]).sum(1)
+                              / mask.sum(1, keepdim=True), atol=1e-6)
 
 
 def test_skipping_the_padding_changes_no_loss_or_gradient():
-    """Training runs the padding-free layers: the same logits and gradients as running the whole grid."""
+    """Training runs the padding-free layers: the same logits and gradients as running the whole
+    grid."""
     torch.manual_seed(0)
-    enc = Encoder(Config(n_layer=2, n_head=2, n_embd=16, n_inner=24, vocab_size=50, block_size=20, dropout=0.0))
+    enc = Encoder(Config(n_layer=2, n_head=2, n_embd=16, n_inner=24, vocab_size=50, block_size=20,
+                         dropout=0.0))
     ids, mask, _ = bert_inputs(50, 1, T=10)
     logits, _ = enc(ids, mask)  # real_tokens: the layers skip row 1's padding
     loss = logits.logsumexp(-1).sum()
     grads = torch.autograd.grad(loss, list(enc.parameters()), allow_unused=True)
-    x, bias, weights = enc.embed(ids), enc.attn_bias(mask), enc.pool_weights(mask)  # the whole (B, T) grid
+    # the whole (B, T) grid
+    x, bias, weights = enc.embed(ids), enc.attn_bias(mask), enc.pool_weights(mask)
     padded = []
     for l in range(2):
         x = enc.run_layer(l, x, bias)
@@ -159,7 +176,8 @@ def test_kv_cache_one_token_at_a_time_equals_recompute():
 
 
 def test_kv_cache_fills_skipped_positions_in_one_later_pass():
-    """A token that skipped layers 2..L gets its K/V there later, batched with the next token (deferred fill)."""
+    """A token that skipped layers 2..L gets its K/V there later, batched with the next token
+    (deferred fill)."""
     dec = tiny_decoder()
     idx = torch.randint(0, 60, (1, 8), generator=torch.Generator().manual_seed(4))
     cache = dec.new_cache(1)
@@ -168,7 +186,8 @@ def test_kv_cache_fills_skipped_positions_in_one_later_pass():
         x = dec.embed(idx[:, :6])  # prompt: all layers
         for l in range(3):
             x = dec.run_layer(l, x, cache)
-        h6 = dec.run_layer(0, dec.embed(idx[:, 6:7], pos=6), cache, pos=6)  # token 6 exits after layer 1
+        # token 6 exits after layer 1
+        h6 = dec.run_layer(0, dec.embed(idx[:, 6:7], pos=6), cache, pos=6)
         x = dec.run_layer(0, dec.embed(idx[:, 7:8], pos=7), cache, pos=7)
         x = torch.cat([full[1][:, 6:7], x], 1)  # token 6's true layer-1 state, then token 7
         assert torch.allclose(h6, full[1][:, 6:7], atol=1e-5)
@@ -179,8 +198,9 @@ def test_kv_cache_fills_skipped_positions_in_one_later_pass():
 
 @pytest.mark.parametrize("l", [0, 1])
 def test_state_copying_writes_each_skipped_layers_kv(l):
-    """copy_state_up (one batched matmul, LayerNorms folded in) = ln_1 then the K/V projection, layer by layer,
-    for 2 sequences x 2 positions; the layers up to l and the other positions are left alone."""
+    """copy_state_up (one batched matmul, LayerNorms folded in) = ln_1 then the K/V projection,
+    layer by layer, for 2 sequences x 2 positions; the layers up to l and the other positions are
+    left alone."""
     dec = tiny_decoder()
     torch.manual_seed(0)
     with torch.no_grad():
@@ -199,7 +219,8 @@ def test_state_copying_writes_each_skipped_layers_kv(l):
                 continue
             _, k, v = dec.blocks[j].attn.qkv(dec.blocks[j].ln_1(x)).split(C, -1)  # (B, T, C) each
             for got, want in ((cache[j, 0], k), (cache[j, 1], v)):
-                assert torch.allclose(got[:, :, 5:7], want.view(B, T, H, C // H).transpose(1, 2), atol=1e-5)
+                assert torch.allclose(got[:, :, 5:7], want.view(B, T, H, C // H).transpose(1, 2),
+                                      atol=1e-5)
                 assert not got[:, :, :5].any() and not got[:, :, 7:].any()
 
 
@@ -228,8 +249,10 @@ def edit_weights(path, edit):
 
 
 @pytest.mark.parametrize("edit,error,match", [
-    (lambda sd: sd.pop("transformer.h.1.mlp.c_fc.weight"), KeyError, "missing 'h.1.mlp.c_fc.weight'"),
-    (lambda sd: sd.update({"transformer.h.0.attn.extra": torch.zeros(2)}), ValueError, "unexpected key 'h.0.attn.extra'"),
+    (lambda sd: sd.pop("transformer.h.1.mlp.c_fc.weight"), KeyError,
+     "missing 'h.1.mlp.c_fc.weight'"),
+    (lambda sd: sd.update({"transformer.h.0.attn.extra": torch.zeros(2)}), ValueError,
+     "unexpected key 'h.0.attn.extra'"),
     (lambda sd: sd.update({"transformer.wpe.weight": torch.zeros(47, 32)}), ValueError,
      r"'wpe.weight' has shape \(47, 32\), expected \(48, 32\)"),
 ])
@@ -241,7 +264,8 @@ def test_bad_weights(tmp_path, edit, error, match):
 
 
 def test_bad_inputs():
-    dec, enc = tiny_decoder(), Encoder(Config(n_layer=2, n_head=2, n_embd=16, vocab_size=50, block_size=8))
+    dec, enc = tiny_decoder(), Encoder(Config(n_layer=2, n_head=2, n_embd=16, vocab_size=50,
+                                              block_size=8))
     with pytest.raises(ValueError, match=r"token ids must lie in \[0, 60\)"):
         dec(torch.tensor([[1, 60]]))
     with pytest.raises(ValueError, match="token ids"):

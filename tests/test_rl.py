@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from rl import exit_distribution, expected_reward_loss, hardness_reward, reinforce_loss, reward_table, sample_exits
+from rl import (exit_distribution, expected_reward_loss, hardness_reward, reinforce_loss,
+                reward_table, sample_exits)
 
 
 def gen(seed=0):
@@ -110,7 +111,8 @@ def test_sample_exits_generator_is_reproducible():
     assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("p, k", [(torch.rand(4), 2), (torch.rand(2, 3, 4), 2), (torch.rand(2, 3), 0)])
+@pytest.mark.parametrize("p, k", [(torch.rand(4), 2), (torch.rand(2, 3, 4), 2),
+                                  (torch.rand(2, 3), 0)])
 def test_sample_exits_bad_arguments(p, k):
     with pytest.raises(ValueError):
         sample_exits(p, k)
@@ -137,17 +139,20 @@ def test_reinforce_loss_hand_case():
 
 def test_reinforce_loss_constant_reward_gives_zero_gradient():
     log_prob = torch.randn(8, 3, generator=gen()).requires_grad_()
-    reward = torch.tensor([[1.0, -2.0, 0.5]]).expand(8, 3)  # same reward for all k trajectories of an input
+    # same reward for all k trajectories of an input
+    reward = torch.tensor([[1.0, -2.0, 0.5]]).expand(8, 3)
     reinforce_loss(log_prob, reward).backward()
     assert (log_prob.grad == 0).all()
 
 
 def test_expected_reward_loss_hand_case():
-    p = torch.tensor([[0.5, 0.5, 0.9], [1.0, 0.0, 0.0]])  # exit distributions [.5, .25, .25] and [1, 0, 0]
+    # exit distributions [.5, .25, .25] and [1, 0, 0]
+    p = torch.tensor([[0.5, 0.5, 0.9], [1.0, 0.0, 0.0]])
     reward = torch.tensor([[1.0, 2.0, 3.0], [1.0, 2.0, 3.0]])
     # rows: 0.5*1 + 0.25*2 + 0.25*3 = 1.75 and 1*1 = 1 -> -(1.75 + 1) / 2
     torch.testing.assert_close(expected_reward_loss(p, reward), torch.tensor(-1.375))
-    torch.testing.assert_close(expected_reward_loss(p[:1], torch.tensor([[4.0, 0.0, -8.0]])), torch.tensor(0.0))
+    torch.testing.assert_close(expected_reward_loss(p[:1], torch.tensor([[4.0, 0.0, -8.0]])),
+                               torch.tensor(0.0))
 
 
 # ---------------------------------------------------------------- rewards
@@ -177,15 +182,17 @@ def test_reward_table_matches_hardness_reward():
     memorized = torch.tensor([1, 3, 5])
     r = reward_table(ce, memorized, alpha)
     for l in range(1, L + 1):
-        torch.testing.assert_close(r[:, l - 1], hardness_reward(ce[:, l - 1], torch.tensor(l), memorized, L, alpha))
+        torch.testing.assert_close(r[:, l - 1], hardness_reward(ce[:, l - 1], torch.tensor(l),
+                                                                memorized, L, alpha))
 
 
-# ---------------------------------------------------------------- REINFORCE estimates the exact gradient
+# ----------------------------------------------------------- REINFORCE estimates the exact gradient
 
 def test_reinforce_gradient_points_along_exact_gradient():
     B, L, k = 3, 4, 20000
     logits = torch.randn(B, L, generator=gen(1)).requires_grad_()
-    reward = reward_table(torch.rand(B, L, generator=gen(2)) * 2, torch.tensor([1, 2, 4]), alpha=0.3)
+    reward = reward_table(torch.rand(B, L, generator=gen(2)) * 2, torch.tensor([1, 2, 4]),
+                          alpha=0.3)
 
     expected_reward_loss(torch.sigmoid(logits), reward).backward()
     exact = logits.grad.clone()

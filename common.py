@@ -1,0 +1,87 @@
+"""
+What the three scripts (train.py, generate.py, bench.py) share: typed --key=value options, the
+device, and loading a model, from a checkpoint of ours or a Hugging Face folder, with one clear
+line when it cannot be done.
+"""
+import inspect
+import os
+import sys
+from dataclasses import fields
+
+import torch
+
+from model import Config, Decoder, Encoder
+
+
+def overrides(cfg, argv, prog, doc):
+    """
+    Apply --key=value arguments to the dataclass cfg, each value checked against its field's type
+    (a bare --flag sets a bool). --help prints doc and the dataclass with its comments.
+    """
+    if "--help" in argv or "-h" in argv:
+        print(doc.strip() + "\n\n" + inspect.getsource(type(cfg)))
+        sys.exit(0)
+    types = {f.name: f.type for f in fields(cfg)}
+    for arg in argv:
+        key, eq, value = arg.removeprefix("--").partition("=")
+        if not eq and types.get(key) is bool:
+            value = "true"
+        if not arg.startswith("--") or key not in types or not (eq or types[key] is bool):
+            raise SystemExit(f"{prog}: unknown option {arg!r}; options are --key=value, see --help")
+        t = types[key]
+        try:
+            if t is bool and value.lower() not in ("true", "false", "1", "0"):
+                raise ValueError
+            setattr(cfg, key, value.lower() in ("true", "1") if t is bool else t(value))
+        except ValueError:
+            raise SystemExit(f"{prog}: --{key} expects {t.__name__}, got {value!r}") from None
+    return cfg
+
+
+def pick_device(name, prog):
+    """'auto' -> cuda, then mps, then cpu; a named device must be there."""
+    available = {"cpu": True, "cuda": torch.cuda.is_available(),
+                 "mps": torch.backends.mps.is_available()}
+    if name == "auto":
+        return next(d for d in ("cuda", "mps", "cpu") if available[d])
+    if not available.get(name.split(":")[0]):
+        raise SystemExit(f"{prog}: device {name!r} is not available here; "
+                         "use auto, cpu, cuda or mps")
+    return name
+
+
+def first_line(e):
+    """An exception as one line, for an error message."""
+    return (str(e).splitlines() or [type(e).__name__])[0]
+
+
+def load_model(path, prog, device="cpu", kind=None):
+    """
+    (model, checkpoint dict) from a checkpoint file of ours (an Encoder or a Decoder, its weights
+    tell which) or from a Hugging Face folder (then the dict is empty, and kind says which class).
+    kind: the class the caller needs (None: either). Anything missing, corrupt, foreign or of the
+    other kind stops with one line (SystemExit) that names the file.
+    """
+    if os.path.isdir(path):
+        try:
+            return (kind or Encoder).from_pretrained(path).to(device), {}
+        except (OSError, ValueError, KeyError, RuntimeError) as e:
+            raise SystemExit(f"{prog}: cannot load {path}: {first_line(e)}") from None
+    if not os.path.isfile(path):
+        raise SystemExit(f"{prog}: {path} is missing")
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+        weights, config = ckpt["model"], Config(**ckpt["model_config"])
+    except Exception as e:  # not a torch file, truncated, or a dict of something else
+        raise SystemExit(f"{prog}: cannot load {path}: {first_line(e)}; "
+                         "is it a checkpoint written by train.py?") from None
+    found = Decoder if "ln_f.weight" in weights else Encoder
+    if kind is not None and found is not kind:
+        what = {Encoder: "a classification encoder", Decoder: "a language model"}
+        raise SystemExit(f"{prog}: {path} holds {what[found]}; {prog} needs {what[kind]}")
+    try:
+        model = found(config)
+        model.load_state_dict(weights)
+    except Exception as e:  # the weights do not fit the configuration they came with
+        raise SystemExit(f"{prog}: cannot load {path}: {first_line(e)}") from None
+    return model.to(device), ckpt
