@@ -23,6 +23,8 @@ the two alternate input by input, and each input's medians are summed.
                                would have picked
   speculative_speedup          tokens/s of self-speculative decoding / full depth;
                                speculative_identical
+  smollm2_ours_over_hf_generate  transformers' generate() time / ours, greedy, full depth, the
+                               same dequantised SmolLM2-135M weights, float32
 Without a checkpoint the model is all-MiniLM-L6-v2's shape with random weights, and policies scaled
 so that the inputs spread over the exit layers.
 """
@@ -198,6 +200,31 @@ def generation(device, repeats, now):
             "speculative_identical_random_gpt2": torch.equal(full, spec)}
 
 
+def smollm2_generation(device, repeats, now, new_tokens=32):
+    """
+    SmolLM2-135M-Instruct from its 4-bit GGUF, dequantised to float32 for both: greedy decoding of
+    32 tokens after a chat prompt, ours at full depth vs transformers' generate() on the same
+    weights (fewer repeats: a pair takes seconds).
+    """
+    import transformers
+    import generate
+    path = data.smollm2_path()
+    ours = Decoder.from_pretrained(path).to(device).eval()
+    hf = transformers.AutoModelForCausalLM.from_pretrained(
+        os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32)
+    hf = hf.to(device).eval()
+    enc = data.gguf_tokenizer(path)
+    text = data.chat_prompt("Give me three tips for sleeping well.")
+    idx = torch.tensor([enc.encode(text, allowed_special="all")], device=device)
+    kw = dict(do_sample=False, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+              pad_token_id=2, attention_mask=torch.ones_like(idx))
+    with torch.inference_mode():
+        ratio = interleaved(partial(hf.generate, idx, **kw),
+                            partial(generate.generate, ours, idx, new_tokens),
+                            max(1, repeats // 3), now)
+    return {"smollm2_ours_over_hf_generate": ratio}
+
+
 def lm_generation(ckpt, device, repeats, now, new_tokens=96):
     """
     The trained language model (python train.py --task=lm): greedy continuations, 96 tokens each,
@@ -328,6 +355,7 @@ def main(argv):
                                                      max(3, repeats // 3), now)
     out.update(generation(device, repeats, now))
     out.update(lm_generation(cfg.lm_ckpt, device, repeats, now))
+    out.update(smollm2_generation(device, repeats, now))
     out["speculative_identical"] = (out["speculative_identical_random_gpt2"]
                                     and out.get("speculative_identical_lm", True))
 
@@ -342,7 +370,8 @@ def main(argv):
                 "ours_over_hf_generate", "speculative_identical", "lm_model", "lm_layer_share",
                 "policy_exit_speedup", "policy_agreement", "policy_exit_mean_exit_layer",
                 "policy_exit_defer_speedup", "policy_agreement_defer", "speculative_speedup",
-                "speculative_identical_lm", "speculative_accepted_per_draft"):
+                "speculative_identical_lm", "speculative_accepted_per_draft",
+                "smollm2_ours_over_hf_generate"):
         if key in out:
             v = out[key]
             print(f"{key:<32}{v:.3f}" if isinstance(v, float) else f"{key:<32}{v}")

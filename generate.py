@@ -3,9 +3,12 @@ Generate text with a GPT-2 style Decoder, each token choosing its own exit layer
 
     python generate.py --ckpt=PATH --prompt="The movie was" --exit=policy
     python generate.py --ckpt=PATH --prompt="..." --exit=speculative --json
+    python generate.py --ckpt=SmolLM2-135M-Instruct.Q4_1.gguf --chat --prompt="Hi!"
 
---ckpt is a Hugging Face GPT-2 folder (its exit policies are then untrained) or a decoder
-checkpoint of train.py --task=lm. --exit picks how deep each generated token goes:
+--ckpt is a Hugging Face GPT-2 or Llama folder, or a .gguf file of the Llama family such as
+SmolLM2-135M-Instruct (their exit policies are then untrained), or a decoder checkpoint of
+train.py --task=lm. --chat wraps the prompt in the model's chat template. --exit picks how deep
+each generated token goes:
   none         every layer (plain greedy or sampled decoding with a KV cache)
   policy       the first layer whose exit policy says p > threshold (ConsistentEE, token level)
   confidence   the first layer whose exit head's top probability > threshold (CALM's softmax rule)
@@ -59,6 +62,8 @@ class GenConfig:
                                  # 3..8 on the LM)
     seed: int = 1337
     device: str = "auto"
+    chat: bool = False           # the prompt is a user's message in the model's chat template,
+                                 # and generation stops at the end of the reply (SmolLM2)
     json: bool = False           # print one JSON object instead of text and a statistics line
 
 
@@ -147,11 +152,12 @@ def prefill(model, idx, cache):
 
 @torch.inference_mode()
 def generate(model, idx, max_new_tokens, exit="none", threshold=0.5, temperature=0.0, top_k=0,
-             draft_len=4, generator=None, kv="copy"):
+             draft_len=4, generator=None, kv="copy", stop=None):
     """
     Continue idx (1, T); kv = "copy" or "defer" fills the skipped layers (see step). Returns
     (new token ids (1, n), stats dict with mean_exit_layer, accepted_per_draft and context_full).
-    Stops early when the position table is full, and says so in stats["context_full"].
+    Stops after the token stop (kept, as transformers keeps its end-of-sequence token), or early
+    when the position table is full, and says so in stats["context_full"].
     """
     model.check_ids(idx)
     if idx.size(1) >= model.config.block_size:
@@ -159,18 +165,19 @@ def generate(model, idx, max_new_tokens, exit="none", threshold=0.5, temperature
                          f"{model.config.block_size}")
     room = model.config.block_size - idx.size(1)
     new, stats = _generate(model, idx, min(max_new_tokens, room), exit, threshold, temperature,
-                           top_k, draft_len, generator, kv)
-    return new, stats | {"context_full": max_new_tokens > room}
+                           top_k, draft_len, generator, kv, stop)
+    stopped = stop is not None and new[0, -1].item() == stop
+    return new, stats | {"context_full": max_new_tokens > room and not stopped}
 
 
 def _generate(model, idx, max_new_tokens, exit, threshold, temperature, top_k, draft_len,
-              generator, kv):
+              generator, kv, stop):
     cuda = idx.device.type == "cuda"
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
         if exit == "speculative":
             rule = cee.ExitRule("consistentee", threshold)
             return speculative(model, idx, max_new_tokens, rule, draft_len, temperature, top_k,
-                               generator)
+                               generator, stop)
         rule = {"none": None, "policy": cee.ExitRule("consistentee", threshold),
                 "confidence": cee.ExitRule("maxprob", threshold)}[exit]
         cache = model.new_cache(idx.size(0), idx.size(1) + max_new_tokens)
@@ -180,6 +187,8 @@ def _generate(model, idx, max_new_tokens, exit, threshold, temperature, top_k, d
         for pos in range(idx.size(1), idx.size(1) + max_new_tokens):
             tok = next_token(logits, temperature, top_k, generator)  # (B, 1)
             out.append(tok)
+            if stop is not None and tok.item() == stop:
+                break
             if pos + 1 < idx.size(1) + max_new_tokens:
                 logits, e = step(model, tok, cache, pos, rule, pending, folded=folded)
                 exits.append(e)
@@ -192,7 +201,7 @@ def _generate(model, idx, max_new_tokens, exit, threshold, temperature, top_k, d
 
 
 def speculative(model, idx, max_new_tokens, rule, draft_len, temperature=0.0, top_k=0,
-                generator=None):
+                generator=None, stop=None):
     """
     Self-speculative decoding. The last accepted token `last` sits at position q, every token
     before it has full-depth K/V. Draft k tokens from `last` with early exits, each drawn from its
@@ -235,13 +244,21 @@ def speculative(model, idx, max_new_tokens, rule, draft_len, temperature=0.0, to
         out += drafts[:n] + [tok]
         accepted.append(n)
         last, q = tok, q + n + 1
+        if stop is not None and stop in torch.cat(out[-n - 1:], 1):
+            break
     mean_exit = sum(exits) / len(exits) if exits else float(model.config.n_layer)
-    return torch.cat(out[:max_new_tokens], 1), {"mean_exit_layer": mean_exit,
+    return until(torch.cat(out[:max_new_tokens], 1), stop), {"mean_exit_layer": mean_exit,
                                                 "accepted_per_draft": sum(accepted) / len(accepted)}
 
 
 # -----------------------------------------------------------------------------
 # main
+
+
+def until(new, stop):
+    """new (1, n) cut after its first token stop (kept), if there is one."""
+    hits = [] if stop is None else (new[0] == stop).nonzero()
+    return new if len(hits) == 0 else new[:, :hits[0, 0] + 1]
 
 
 @torch.no_grad()
@@ -256,31 +273,42 @@ def main(argv):
     cfg = parse_args(argv)
     device = pick_device(cfg.device, PROG)
     model = load_model(cfg.ckpt, PROG, device, kind=Decoder)[0].eval()
-    try:  # GPT-2's BPE, or the shorter one of a train.py language model (vocab_size tells which)
-        enc = data.gpt2_tokenizer(min(model.config.vocab_size, data.EOT + 1))
+    try:  # a GGUF's own tokenizer; else GPT-2's BPE, or the shorter one of a train.py LM
+        enc = (data.gguf_tokenizer(cfg.ckpt) if cfg.ckpt.endswith(".gguf")
+               else data.gpt2_tokenizer(min(model.config.vocab_size, data.EOT + 1)))
     except ValueError as e:
         raise SystemExit(f"{PROG}: the model's vocabulary does not fit: {e}") from None
-    idx = torch.tensor([enc.encode_ordinary(cfg.prompt)], device=device)
+    stop = None
+    if cfg.chat:  # the reply ends with the model's end-of-turn token
+        if "<|im_end|>" not in enc.special_tokens_set:
+            raise SystemExit(f"{PROG}: --chat needs a model with a chat template (a SmolLM2 "
+                             f"GGUF); {cfg.ckpt} has none")
+        idx = torch.tensor([enc.encode(data.chat_prompt(cfg.prompt), allowed_special="all")])
+        stop = enc.encode_single_token("<|im_end|>")
+    else:
+        idx = torch.tensor([enc.encode_ordinary(cfg.prompt)])
+    idx = idx.to(device)
     T = model.config.block_size
     if idx.size(1) >= T:
         raise SystemExit(f"{PROG}: the prompt has {idx.size(1)} tokens, the context is {T}")
     g = torch.Generator(device=device).manual_seed(cfg.seed)
     t0 = time.perf_counter()
     new, stats = generate(model, idx, cfg.max_new_tokens, cfg.exit, cfg.threshold, cfg.temperature,
-                          cfg.top_k, cfg.draft_len, g, cfg.kv)
+                          cfg.top_k, cfg.draft_len, g, cfg.kv, stop)
     seconds = time.perf_counter() - t0
     if stats["context_full"]:  # never cut silently
         print(f"{PROG}: stopped after {new.size(1)} of --max_new_tokens={cfg.max_new_tokens}: "
               f"the model's context holds {T} tokens, {idx.size(1)} of them the prompt's",
               file=sys.stderr)
-    report = {"text": enc.decode(new[0].tolist()), "tokens": new.size(1),
+    text = enc.decode([t for t in new[0].tolist() if t != stop])
+    report = {"text": text, "tokens": new.size(1),
               "tokens_per_s": new.size(1) / seconds, "mean_exit_layer": stats["mean_exit_layer"],
               "agreement_with_full": agreement_with_full(model, idx, new),
               "accepted_per_draft": stats["accepted_per_draft"]}
     if cfg.json:
         print(json.dumps(report))
         return
-    print(cfg.prompt + report["text"])
+    print(report["text"] if cfg.chat else cfg.prompt + report["text"])
     drafts = report["accepted_per_draft"]
     print(f"tokens {report['tokens']}, {report['tokens_per_s']:.1f} tokens/s, mean exit layer "
           f"{report['mean_exit_layer']:.2f} of {model.config.n_layer}, agreement with full depth "

@@ -62,6 +62,14 @@ class Config:
     attn_scale_by_layer: bool = False  # GPT-2's scale_attn_by_inverse_layer_idx
     attn_scale: bool = True       # GPT-2's scale_attn_weights: divide scores by sqrt(head size)
     tie_lm_head: bool = True      # decoder only: the LM head shares the token embedding
+    # decoder only, the Llama family: rotary positions (no position table) with this base, 0 =
+    # GPT-2's learned table; RMSNorm; SwiGLU; n_kv_head < n_head: grouped-query attention
+    rope_theta: float = 0.0
+    norm: str = "layer"           # "layer" (LayerNorm) or "rms" (RMSNorm)
+    gated_mlp: bool = False       # down(act(gate(x)) * up(x)) instead of proj(act(fc(x)))
+    n_kv_head: int = 0            # key/value heads, each shared by n_head / n_kv_head query heads;
+                                  # 0 = n_head
+    bias: bool = True             # biases in the attention and MLP projections
     policy_hidden: int = 32       # width of the policy MLP (reference: 32)
     # the policy also reads the exit head's confidence (max prob, entropy)
     policy_conf: bool = False
@@ -74,6 +82,54 @@ class Config:
                              f"known: {', '.join(ACTIVATIONS)}")
         if self.pool not in ("mean", "cls"):
             raise ValueError(f"pool must be 'mean' or 'cls', got {self.pool!r}")
+        if self.norm not in ("layer", "rms"):
+            raise ValueError(f"norm must be 'layer' or 'rms', got {self.norm!r}")
+        if self.n_head % self.kv_heads:
+            raise ValueError(f"n_head={self.n_head} is not a multiple of "
+                             f"n_kv_head={self.n_kv_head}")
+
+    @property
+    def kv_heads(self):
+        return self.n_kv_head or self.n_head
+
+    @property
+    def head_size(self):
+        return self.n_embd // self.n_head
+
+
+def norm_layer(cfg):
+    """The normalisation of a block and of the final state: LayerNorm (BERT, GPT-2) or RMSNorm."""
+    if cfg.norm == "rms":
+        return nn.RMSNorm(cfg.n_embd, eps=cfg.ln_eps)
+    return nn.LayerNorm(cfg.n_embd, eps=cfg.ln_eps)
+
+
+def normalize(x, cfg):
+    """norm_layer's normalisation without its learned scale and shift."""
+    if cfg.norm == "rms":
+        return x * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + cfg.ln_eps).to(x.dtype)
+    return F.layer_norm(x, x.shape[-1:], eps=cfg.ln_eps)
+
+
+def rope_table(cfg):
+    """
+    Rotary position embeddings (Su et al. 2021, as Llama computes them): cos and sin of position
+    p times the frequencies theta^(-2i/D), each frequency on two dimensions i and i + D/2:
+    (2, block_size, D).
+    """
+    D = cfg.head_size
+    freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, D, 2, dtype=torch.float) / D))  # (D/2,)
+    angle = torch.arange(cfg.block_size, dtype=torch.float)[:, None] * freq  # (T, D/2)
+    angle = torch.cat([angle, angle], -1)  # (T, D)
+    return torch.stack([angle.cos(), angle.sin()])
+
+
+def rotate(x, rope, rows):
+    """Rotate x (B, H, T, D) by the angles of its rows' positions (rows: a range or a list)."""
+    where = slice(rows.start, rows.stop) if isinstance(rows, range) else torch.tensor(rows)
+    cos, sin = rope[0][where], rope[1][where]  # (T, D)
+    x1, x2 = x.chunk(2, -1)
+    return x * cos + torch.cat([-x2, x1], -1) * sin
 
 
 class Attention(nn.Module):
@@ -81,32 +137,35 @@ class Attention(nn.Module):
 
     def __init__(self, cfg, layer):
         super().__init__()
-        self.n_head = cfg.n_head
-        self.qkv = nn.Linear(cfg.n_embd, 3 * cfg.n_embd)
-        self.proj = nn.Linear(cfg.n_embd, cfg.n_embd)
+        self.n_head, self.n_kv_head, D = cfg.n_head, cfg.kv_heads, cfg.head_size
+        self.qkv = nn.Linear(cfg.n_embd, (cfg.n_head + 2 * cfg.kv_heads) * D, bias=cfg.bias)
+        self.proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
         self.dropout = cfg.dropout
-        head_size = cfg.n_embd // cfg.n_head
-        self.scale = ((head_size ** -0.5 if cfg.attn_scale else 1.0)
+        self.scale = ((D ** -0.5 if cfg.attn_scale else 1.0)
                       / ((layer + 1) if cfg.attn_scale_by_layer else 1))
 
-    def forward(self, x, bias=None, causal=False, cache=None, pos=0, tokens=None):
+    def forward(self, x, bias=None, causal=False, cache=None, pos=0, tokens=None, rope=None):
         """
         x (B, T, C) -> (B, T, C). pos: the position of x's first row, the others following it; or a
         list of every row's position, for rows that are not consecutive (generate.py's deferred
         fill).
         tokens: x holds only the real tokens (N, C) of a padded batch, at these flat indices (N,) of
         the (B, T) grid of bias (B, 1, 1, T), which it needs: the projections skip the padding,
-        attention runs on the grid.
+        attention runs on the grid. rope: rope_table() when positions are rotary.
         """
         qkv = self.qkv(x)
         if tokens is not None:
             qkv = unpack(qkv, tokens, bias.size(0), bias.size(-1))
-        B, T, C = qkv.size(0), qkv.size(1), qkv.size(2) // 3
-        q, k, v = qkv.split(C, dim=2)
-        # (B, H, T, D)
-        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        B, T = qkv.shape[:2]
+        H, Hkv = self.n_head, self.n_kv_head
+        D = qkv.size(2) // (H + 2 * Hkv)
+        q, k, v = qkv.split([H * D, Hkv * D, Hkv * D], dim=2)
+        q = q.view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
+        k, v = (t.view(B, T, Hkv, D).transpose(1, 2) for t in (k, v))  # (B, Hkv, T, D)
         rows = range(pos, pos + T) if isinstance(pos, int) else pos
-        if cache is not None:  # cache: this layer's (k, v) buffers, each (B, H, T_max, D)
+        if rope is not None:
+            q, k = rotate(q, rope, rows), rotate(k, rope, rows)
+        if cache is not None:  # cache: this layer's (k, v) buffers, each (B, Hkv, T_max, D)
             where = slice(pos, pos + T) if isinstance(pos, int) else list(pos)
             cache[0][:, :, where] = k
             cache[1][:, :, where] = v
@@ -119,23 +178,33 @@ class Attention(nn.Module):
                     <= torch.tensor(rows, device=x.device)[:, None])
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, is_causal=prefix and T > 1,
                                            dropout_p=self.dropout if self.training else 0.0,
-                                           scale=self.scale)
-        y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
+                                           scale=self.scale, enable_gqa=Hkv != H)
+        y = y.transpose(1, 2).reshape(B, T, H * D)  # (B, T, C)
         if tokens is not None:
-            y = y.view(B * T, C)[tokens]  # (N, C)
+            y = y.view(B * T, H * D)[tokens]  # (N, C)
         return F.dropout(self.proj(y), self.dropout, self.training)
 
 
 class MLP(nn.Module):
+    """proj(act(fc(x))); gated (SwiGLU, Llama): fc computes gate and up at once, and
+    proj(act(gate) * up)."""
+
     def __init__(self, cfg):
         super().__init__()
-        self.fc = nn.Linear(cfg.n_embd, cfg.n_inner)
-        self.proj = nn.Linear(cfg.n_inner, cfg.n_embd)
+        self.gated = cfg.gated_mlp
+        self.fc = nn.Linear(cfg.n_embd, cfg.n_inner * (2 if self.gated else 1), bias=cfg.bias)
+        self.proj = nn.Linear(cfg.n_inner, cfg.n_embd, bias=cfg.bias)
         self.act = ACTIVATIONS[cfg.act]
         self.dropout = cfg.dropout
 
     def forward(self, x):
-        return F.dropout(self.proj(self.act(self.fc(x))), self.dropout, self.training)
+        h = self.fc(x)
+        if self.gated:
+            gate, up = h.chunk(2, -1)
+            h = self.act(gate) * up
+        else:
+            h = self.act(h)
+        return F.dropout(self.proj(h), self.dropout, self.training)
 
 
 class EncoderBlock(nn.Module):
@@ -153,15 +222,15 @@ class EncoderBlock(nn.Module):
 
 
 class DecoderBlock(nn.Module):
-    """GPT-2's block: LayerNorm before each sublayer (pre-LN), causal attention."""
+    """GPT-2's and Llama's block: a norm before each sublayer (pre-norm), causal attention."""
 
     def __init__(self, cfg, layer):
         super().__init__()
-        self.ln_1, self.attn = nn.LayerNorm(cfg.n_embd, eps=cfg.ln_eps), Attention(cfg, layer)
-        self.ln_2, self.mlp = nn.LayerNorm(cfg.n_embd, eps=cfg.ln_eps), MLP(cfg)
+        self.ln_1, self.attn = norm_layer(cfg), Attention(cfg, layer)
+        self.ln_2, self.mlp = norm_layer(cfg), MLP(cfg)
 
-    def forward(self, x, cache=None, pos=0):
-        x = x + self.attn(self.ln_1(x), causal=True, cache=cache, pos=pos)
+    def forward(self, x, cache=None, pos=0, rope=None):
+        x = x + self.attn(self.ln_1(x), causal=True, cache=cache, pos=pos, rope=rope)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -227,22 +296,24 @@ class Backbone(nn.Module):
     @classmethod
     def from_pretrained(cls, path, **overrides):
         """
-        Load a local Hugging Face folder (config.json + model.safetensors or pytorch_model.bin).
+        Load a local Hugging Face folder (config.json + model.safetensors or pytorch_model.bin),
+        or, for a Decoder, a llama.cpp .gguf file of the Llama family.
         """
-        hf, keys = read_checkpoint(path)
+        hf, keys = read_gguf(path) if str(path).endswith(".gguf") else read_checkpoint(path)
         kind = hf.get("model_type")
-        if kind != cls.model_type:
-            other = {"bert": "Encoder", "gpt2": "Decoder"}.get(kind)
+        if kind not in cls.model_type:
+            other = {"bert": "Encoder", "gpt2": "Decoder", "llama": "Decoder"}.get(kind)
             hint = (f"; use {other}.from_pretrained" if other
-                    else "; only BERT and GPT-2 are supported")
-            raise ValueError(f"{path} holds a {kind!r} checkpoint, not {cls.model_type!r}{hint}")
+                    else "; only BERT, GPT-2 and Llama are supported")
+            raise ValueError(f"{path} holds a {kind!r} checkpoint, not "
+                             f"{' or '.join(cls.model_type)}{hint}")
         model = cls(cls.config_from_hf(hf, **overrides))
         load_weights(model, keys, cls.key_map(model.config), path)
         return model
 
 
 class Encoder(Backbone):
-    model_type = "bert"
+    model_type = ("bert",)
 
     @property
     def n_out(self):
@@ -375,7 +446,12 @@ class Encoder(Backbone):
 
 
 class Decoder(Backbone):
-    model_type = "gpt2"
+    """
+    GPT-2, or a model of the Llama family (SmolLM2, Llama 2/3): rotary positions, RMSNorm, SwiGLU,
+    grouped-query attention, as configured. Exits, policies, the KV cache and state copying work
+    the same on both.
+    """
+    model_type = ("gpt2", "llama")
 
     @property
     def n_out(self):
@@ -386,9 +462,11 @@ class Decoder(Backbone):
         super().__init__()
         self.config = cfg
         self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
-        self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd)
+        self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd) if not cfg.rope_theta else None
+        # rotary positions: a table, not a parameter (not in the state dict)
+        self.register_buffer("rope", rope_table(cfg) if cfg.rope_theta else None, persistent=False)
         self.blocks = nn.ModuleList(DecoderBlock(cfg, l) for l in range(cfg.n_layer))
-        self.ln_f = nn.LayerNorm(cfg.n_embd, eps=cfg.ln_eps)
+        self.ln_f = norm_layer(cfg)
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         self.policies = nn.ModuleList(Policy(cfg) for _ in range(cfg.n_layer - 1))
         self.apply(init_weights)
@@ -396,16 +474,18 @@ class Decoder(Backbone):
             self.lm_head.weight = self.wte.weight
 
     def embed(self, idx, pos=0):
-        x = self.wte(idx) + self.wpe(torch.arange(pos, pos + idx.size(1), device=idx.device))
+        x = self.wte(idx)
+        if self.wpe is not None:
+            x = x + self.wpe(torch.arange(pos, pos + idx.size(1), device=idx.device))
         return F.dropout(x, self.config.dropout, self.training)  # (B, T, C)
 
     def run_layer(self, l, x, cache=None, pos=0):
         """Layer l on x (B, T, C) at positions pos..pos+T-1 (or at the list of positions pos); with
         a cache it also fills layer l's K/V there."""
-        return self.blocks[l](x, None if cache is None else cache[l], pos)
+        return self.blocks[l](x, None if cache is None else cache[l], pos, self.rope)
 
     def exit_logits(self, x):
-        """The exit head of any layer: final LayerNorm + LM head. (..., C) -> (..., vocab)."""
+        """The exit head of any layer: final norm + LM head. (..., C) -> (..., vocab)."""
         return self.lm_head(self.ln_f(x))
 
     def copy_state_up(self, l, x, cache, pos, folded=None):
@@ -418,30 +498,41 @@ class Decoder(Backbone):
         """
         W, b = self.folded_kv() if folded is None else folded
         B, T, C = x.shape
-        n, H = self.config.n_layer - l - 1, self.config.n_head
-        xn = F.layer_norm(x, (C,), eps=self.config.ln_eps).view(1, B * T, C).expand(n, -1, -1)
-        kv = torch.baddbmm(b[l + 1:, None], xn, W[l + 1:].transpose(1, 2))  # (n, B*T, 2C)
-        cache[l + 1:, :, :, :, pos:pos + T] = (kv.view(n, B, T, 2, H, C // H)
-                                               .permute(0, 3, 1, 4, 2, 5))
+        c = self.config
+        n, H, D = c.n_layer - l - 1, c.kv_heads, c.head_size
+        xn = normalize(x, c).view(1, B * T, C).expand(n, -1, -1)
+        kv = torch.baddbmm(b[l + 1:, None], xn, W[l + 1:].transpose(1, 2))  # (n, B*T, 2 H D)
+        kv = kv.view(n, B, T, 2, H, D).permute(0, 3, 1, 4, 2, 5)  # (n, 2, B, H, T, D)
+        if self.rope is not None:  # keys turn by the angle of their position, as run_layer's
+            kv = torch.stack([rotate(kv[:, 0], self.rope, range(pos, pos + T)), kv[:, 1]], 1)
+        cache[l + 1:, :, :, :, pos:pos + T] = kv
 
     def folded_kv(self):
         """
-        Every layer's key/value projection with its ln_1 folded in, stacked: (L, 2C, C) and (L, 2C).
-        ln_1(x) = n(x) * g + beta, n the plain normalisation, so layer j's K/V = n(x) W'_j^T + b'_j
-        with W'_j = W_j * g_j (each input column scaled) and b'_j = W_j beta_j + bias_j.
+        Every layer's key/value projection with its ln_1 folded in, stacked: (L, 2 Hkv D, C) and
+        (L, 2 Hkv D). ln_1(x) = n(x) * g + beta, n the plain normalisation (normalize()), so layer
+        j's K/V = n(x) W'_j^T + b'_j with W'_j = W_j * g_j (each input column scaled) and
+        b'_j = W_j beta_j + bias_j (RMSNorm has no beta, Llama no bias: those terms are 0).
         """
-        C = self.config.n_embd
-        parts = [(blk.attn.qkv.weight[C:], blk.attn.qkv.bias[C:], blk.ln_1) for blk in self.blocks]
-        return (torch.stack([w * ln.weight for w, _, ln in parts]),
-                torch.stack([w @ ln.bias + b for w, b, ln in parts]))
+        q = self.config.n_embd  # the rows of qkv before the keys
+        out = []
+        for blk in self.blocks:
+            w, ln = blk.attn.qkv.weight[q:], blk.ln_1
+            b = w.new_zeros(len(w))
+            if blk.attn.qkv.bias is not None:
+                b = b + blk.attn.qkv.bias[q:]
+            if getattr(ln, "bias", None) is not None:
+                b = b + w @ ln.bias
+            out.append((w * ln.weight, b))
+        return torch.stack([w for w, _ in out]), torch.stack([b for _, b in out])
 
     def new_cache(self, batch_size, max_len=None, device=None, dtype=None):
         """
-        Preallocated keys and values, one tensor (L, 2, B, H, T_max, D): cache[l] is layer l's
+        Preallocated keys and values, one tensor (L, 2, B, Hkv, T_max, D): cache[l] is layer l's
         (k, v).
         """
         c = self.config
-        shape = (c.n_layer, 2, batch_size, c.n_head, max_len or c.block_size, c.n_embd // c.n_head)
+        shape = (c.n_layer, 2, batch_size, c.kv_heads, max_len or c.block_size, c.head_size)
         return torch.zeros(shape, device=device or self.wte.weight.device,
                            dtype=dtype or self.wte.weight.dtype)
 
@@ -461,6 +552,8 @@ class Decoder(Backbone):
 
     @staticmethod
     def config_from_hf(hf, **overrides):
+        if hf["model_type"] == "llama":
+            return llama_config(hf, **overrides)
         C = hf["n_embd"]
         return Config(n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=C,
                       n_inner=hf.get("n_inner") or 4 * C, vocab_size=hf["vocab_size"],
@@ -473,6 +566,8 @@ class Decoder(Backbone):
     @staticmethod
     def key_map(cfg):
         """GPT-2 stores its linear layers as Conv1D, (in, out): those are transposed."""
+        if cfg.rope_theta:
+            return llama_key_map(cfg)
         m = {"wte.weight": (["wte.weight"], False), "wpe.weight": (["wpe.weight"], False),
              "ln_f.weight": (["ln_f.weight"], False), "ln_f.bias": (["ln_f.bias"], False)}
         for l in range(cfg.n_layer):
@@ -485,6 +580,49 @@ class Decoder(Backbone):
         if not cfg.tie_lm_head:
             m["lm_head.weight"] = (["lm_head.weight"], False)
         return m
+
+
+def llama_config(hf, **overrides):
+    """Our Config of a Hugging Face LlamaConfig (as a dict)."""
+    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    if rope.get("rope_type", rope.get("type", "default")) != "default":
+        raise ValueError(f"rope scaling {rope.get('rope_type', rope.get('type'))!r} is not "
+                         "supported")
+    if hf.get("attention_bias", False) != hf.get("mlp_bias", False):
+        raise ValueError("biases in the attention but not the MLP (or the other way) are not "
+                         "supported")
+    C, H = hf["hidden_size"], hf["num_attention_heads"]
+    if hf.get("head_dim", C // H) != C // H:
+        raise ValueError(f"head_dim {hf['head_dim']} is not hidden_size / num_attention_heads")
+    return Config(n_layer=hf["num_hidden_layers"], n_head=H, n_embd=C,
+                  n_kv_head=hf.get("num_key_value_heads") or H, n_inner=hf["intermediate_size"],
+                  vocab_size=hf["vocab_size"], block_size=hf["max_position_embeddings"],
+                  act=hf.get("hidden_act", "silu"), ln_eps=hf.get("rms_norm_eps", 1e-6),
+                  dropout=0.0, rope_theta=rope.get("rope_theta", hf.get("rope_theta", 10000.0)),
+                  norm="rms", gated_mlp=True, bias=hf.get("attention_bias", False),
+                  tie_lm_head=hf.get("tie_word_embeddings", False), **overrides)
+
+
+def llama_key_map(cfg):
+    """Hugging Face's Llama names (q, k, v fused into qkv; gate and up into fc); none
+    transposed. A third entry gives each piece's rows where they differ."""
+    H, Hkv, D = cfg.n_head, cfg.kv_heads, cfg.head_size
+    m = {"wte.weight": (["embed_tokens.weight"], False), "ln_f.weight": (["norm.weight"], False)}
+    for l in range(cfg.n_layer):
+        b, h = f"blocks.{l}.", f"layers.{l}."
+        qkv = [h + f"self_attn.{n}_proj" for n in "qkv"]
+        parts = {"ln_1": [h + "input_layernorm"], "attn.qkv": qkv,
+                 "attn.proj": [h + "self_attn.o_proj"], "ln_2": [h + "post_attention_layernorm"],
+                 "mlp.fc": [h + "mlp.gate_proj", h + "mlp.up_proj"],
+                 "mlp.proj": [h + "mlp.down_proj"]}
+        for ours, theirs in parts.items():
+            rows = [H * D, Hkv * D, Hkv * D] if ours == "attn.qkv" else None
+            m[b + ours + ".weight"] = ([t + ".weight" for t in theirs], False, rows)
+            if cfg.bias and not ours.startswith("ln"):
+                m[b + ours + ".bias"] = ([t + ".bias" for t in theirs], False, rows)
+    if not cfg.tie_lm_head:
+        m["lm_head.weight"] = (["lm_head.weight"], False)
+    return m
 
 
 def init_weights(module):
@@ -521,12 +659,82 @@ def read_checkpoint(path):
         raise FileNotFoundError(f"{path} has no model.safetensors or pytorch_model.bin")
     keys = {}
     for k, v in sd.items():
-        for prefix in ("bert.", "transformer."):
+        for prefix in ("bert.", "transformer.", "model."):
             k = k.removeprefix(prefix)
         k = (k.replace("LayerNorm.gamma", "LayerNorm.weight")
              .replace("LayerNorm.beta", "LayerNorm.bias"))
         keys[k] = v
     return hf, keys
+
+
+# llama.cpp's tensor names -> Hugging Face's (blk.{l}. -> layers.{l}.)
+GGUF_NAMES = {"token_embd": "embed_tokens", "output_norm": "norm", "output": "lm_head",
+              "attn_norm": "input_layernorm", "attn_q": "self_attn.q_proj",
+              "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+              "attn_output": "self_attn.o_proj", "ffn_norm": "post_attention_layernorm",
+              "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj"}
+
+
+def read_gguf(path):
+    """
+    A llama.cpp GGUF file of the Llama family as read_checkpoint gives a folder: a LlamaConfig
+    dict and float32 weights under Hugging Face's names, dequantised by the gguf package.
+    llama.cpp stores the rows of q and k permuted for its RoPE layout (the two halves of each
+    head interleaved); they are put back. Anything missing, malformed or unsupported raises
+    ValueError naming the file.
+    """
+    from gguf import GGUFReader
+    from gguf.quants import dequantize
+    try:
+        reader = GGUFReader(path)
+        meta = {k: f.contents() for k, f in reader.fields.items()
+                if not k.startswith("tokenizer.")}
+    except Exception as e:  # truncated, not a GGUF file, or of a version it cannot read
+        raise ValueError(f"{path}: not a readable GGUF file ({first_line(e)})") from None
+    arch = meta.get("general.architecture")
+    if arch != "llama":
+        raise ValueError(f"{path}: a GGUF of architecture {arch!r}; only llama is supported")
+    try:
+        hf = {"model_type": "llama", "num_hidden_layers": meta["llama.block_count"],
+              "hidden_size": meta["llama.embedding_length"],
+              "intermediate_size": meta["llama.feed_forward_length"],
+              "num_attention_heads": meta["llama.attention.head_count"],
+              "num_key_value_heads": meta.get("llama.attention.head_count_kv"),
+              "rms_norm_eps": meta["llama.attention.layer_norm_rms_epsilon"],
+              "rope_theta": meta.get("llama.rope.freq_base", 10000.0),
+              "max_position_embeddings": meta["llama.context_length"],
+              "tie_word_embeddings": "output.weight" not in {t.name for t in reader.tensors}}
+    except KeyError as e:
+        raise ValueError(f"{path}: the GGUF metadata has no {e.args[0]}") from None
+    if "llama.rope.scaling.type" in meta:
+        raise ValueError(f"{path}: rope scaling {meta['llama.rope.scaling.type']!r} is not "
+                         "supported")
+    H, Hkv = hf["num_attention_heads"], hf["num_key_value_heads"] or hf["num_attention_heads"]
+    keys = {}
+    for t in reader.tensors:
+        where, _, kind = t.name.rpartition(".")  # blk.3.attn_q, weight
+        block, _, part = where.rpartition(".")
+        if part not in GGUF_NAMES:
+            raise ValueError(f"{path}: unexpected tensor {t.name!r}")
+        name = (block.replace("blk.", "layers.") + "." if block else "") + GGUF_NAMES[part]
+        try:
+            w = torch.from_numpy(dequantize(t.data, t.tensor_type).copy())
+        except (NotImplementedError, ValueError) as e:
+            raise ValueError(f"{path}: tensor {t.name} is {t.tensor_type.name}, which cannot be "
+                             f"dequantised ({first_line(e)})") from None
+        if w.numel() != t.n_elements:
+            raise ValueError(f"{path}: tensor {t.name} is cut short (truncated file?)")
+        if part in ("attn_q", "attn_k"):  # rows (heads, D/2, 2) -> (heads, 2, D/2), as HF's
+            n = H if part == "attn_q" else Hkv
+            w = w.view(n, -1, 2, w.size(-1)).transpose(1, 2).reshape(w.shape)
+        keys[f"{name}.{kind}"] = w
+    hf["vocab_size"] = keys["embed_tokens.weight"].size(0) if "embed_tokens.weight" in keys else 0
+    return hf, keys
+
+
+def first_line(e):
+    """An exception as one line, for an error message."""
+    return (str(e).splitlines() or [type(e).__name__])[0]
 
 
 def load_weights(model, keys, key_map, path):
@@ -535,13 +743,14 @@ def load_weights(model, keys, key_map, path):
     """
     params = model.state_dict()
     used = set()
-    for ours, (theirs, transpose) in key_map.items():
+    for ours, (theirs, transpose, *rows) in key_map.items():
         target = params[ours]
-        # each checkpoint tensor fills a slice of rows
-        part = (target.size(0) // len(theirs), *target.shape[1:])
-        want = part[::-1] if transpose else part
+        # each checkpoint tensor fills a slice of rows: equal ones, or as many as rows says
+        rows = (rows and rows[0]) or [target.size(0) // len(theirs)] * len(theirs)
         pieces = []
-        for k in theirs:
+        for k, n in zip(theirs, rows):
+            part = (n, *target.shape[1:])
+            want = part[::-1] if transpose else part
             if k not in keys:
                 raise KeyError(f"{path}: checkpoint is missing {k!r} (for {ours})")
             if tuple(keys[k].shape) != tuple(want):
@@ -552,7 +761,7 @@ def load_weights(model, keys, key_map, path):
         with torch.no_grad():
             target.copy_(torch.cat(pieces, 0))
     skipped = ("lm_head.weight", "attn.bias", "attn.masked_bias", "pooler.dense.weight",
-               "pooler.dense.bias")
+               "pooler.dense.bias", "rotary_emb.inv_freq")
     unexpected = [k for k in keys
                   if k not in used and not k.startswith(IGNORED) and not k.endswith(skipped)]
     if unexpected:

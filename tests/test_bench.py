@@ -29,6 +29,7 @@ def test_bench_json_shape(tmp_path):
     assert out["joint_step_over_stage1_step"] > 0 and out["realized_without_decisions_batch_1"] > 0
     assert 1 < out["mean_exit_layer"]["batch_64"] < 6  # the random policies spread the exits
     assert out["ours_over_hf_generate"] > 0 and out["speculative_identical"] is True
+    assert out["smollm2_ours_over_hf_generate"] > 0
     assert out["policy_exit_speedup"] is None and "run python train.py --task=lm" in out["lm_model"]
 
 

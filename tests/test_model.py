@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from model import Config, Decoder, Encoder, unpack
+from model import Config, Decoder, Encoder, rotate, unpack
 
 transformers = pytest.importorskip("transformers")
 TOL = 1e-4
@@ -158,12 +158,18 @@ def test_skipping_the_padding_changes_no_loss_or_gradient():
 
 def tiny_decoder(**kw):
     torch.manual_seed(0)
-    return Decoder(Config(n_layer=3, n_head=2, n_embd=16, n_inner=32, vocab_size=60, block_size=24,
-                          act="gelu_new", ln_eps=1e-5, **kw)).eval()
+    return Decoder(Config(**{"n_layer": 3, "n_head": 2, "n_embd": 16, "n_inner": 32,
+                             "vocab_size": 60, "block_size": 24, "act": "gelu_new",
+                             "ln_eps": 1e-5, **kw})).eval()
 
 
-def test_kv_cache_one_token_at_a_time_equals_recompute():
-    dec = tiny_decoder()
+# the Llama family: rotary positions, RMSNorm, SwiGLU, grouped-query attention (2 heads, 1 K/V)
+LLAMA = dict(rope_theta=100.0, norm="rms", gated_mlp=True, n_kv_head=1, bias=False, act="silu")
+
+
+@pytest.mark.parametrize("kw", [{}, LLAMA], ids=["gpt2", "llama"])
+def test_kv_cache_one_token_at_a_time_equals_recompute(kw):
+    dec = tiny_decoder(**kw)
     idx = torch.randint(0, 60, (2, 12), generator=torch.Generator().manual_seed(3))
     cache = dec.new_cache(2)
     with torch.no_grad():
@@ -175,10 +181,11 @@ def test_kv_cache_one_token_at_a_time_equals_recompute():
                 assert torch.allclose(x[:, 0], full[l + 1][:, t], atol=1e-5)
 
 
-def test_kv_cache_fills_skipped_positions_in_one_later_pass():
+@pytest.mark.parametrize("kw", [{}, LLAMA], ids=["gpt2", "llama"])
+def test_kv_cache_fills_skipped_positions_in_one_later_pass(kw):
     """A token that skipped layers 2..L gets its K/V there later, batched with the next token
     (deferred fill)."""
-    dec = tiny_decoder()
+    dec = tiny_decoder(**kw)
     idx = torch.randint(0, 60, (1, 8), generator=torch.Generator().manual_seed(4))
     cache = dec.new_cache(1)
     with torch.no_grad():
@@ -196,31 +203,36 @@ def test_kv_cache_fills_skipped_positions_in_one_later_pass():
         assert torch.allclose(x, full[3][:, 6:8], atol=1e-5)
 
 
+@pytest.mark.parametrize("kw", [{}, LLAMA], ids=["gpt2", "llama"])
 @pytest.mark.parametrize("l", [0, 1])
-def test_state_copying_writes_each_skipped_layers_kv(l):
-    """copy_state_up (one batched matmul, LayerNorms folded in) = ln_1 then the K/V projection,
-    layer by layer, for 2 sequences x 2 positions; the layers up to l and the other positions are
-    left alone."""
-    dec = tiny_decoder()
+def test_state_copying_writes_each_skipped_layers_kv(l, kw):
+    """copy_state_up (one batched matmul, norms folded in) = ln_1 then the K/V projection, layer
+    by layer, for 2 sequences x 2 positions (keys rotated to them, with rotary positions); the
+    layers up to l and the other positions are left alone."""
+    dec = tiny_decoder(**kw)
     torch.manual_seed(0)
     with torch.no_grad():
         for block in dec.blocks:
-            for p in (block.ln_1.weight, block.ln_1.bias, block.attn.qkv.bias):
-                p.copy_(torch.randn_like(p))
+            for p in (block.ln_1.weight, getattr(block.ln_1, "bias", None), block.attn.qkv.bias):
+                if p is not None:
+                    p.copy_(torch.randn_like(p))
         cache = dec.new_cache(2)
         before = cache.clone()
         x = torch.randn(2, 2, dec.config.n_embd)
         dec.copy_state_up(l, x, cache, 5)
         B, T, C = x.shape
-        H = dec.config.n_head
+        H, D = dec.config.kv_heads, dec.config.head_size
         for j in range(dec.config.n_layer):
             if j <= l:
                 assert torch.equal(cache[j], before[j])
                 continue
-            _, k, v = dec.blocks[j].attn.qkv(dec.blocks[j].ln_1(x)).split(C, -1)  # (B, T, C) each
+            qkv = dec.blocks[j].attn.qkv(dec.blocks[j].ln_1(x))
+            _, k, v = qkv.split([C, H * D, H * D], -1)
+            k, v = (t.view(B, T, H, D).transpose(1, 2) for t in (k, v))  # (B, H, T, D)
+            if dec.rope is not None:
+                k = rotate(k, dec.rope, range(5, 7))
             for got, want in ((cache[j, 0], k), (cache[j, 1], v)):
-                assert torch.allclose(got[:, :, 5:7], want.view(B, T, H, C // H).transpose(1, 2),
-                                      atol=1e-5)
+                assert torch.allclose(got[:, :, 5:7], want, atol=1e-5)
                 assert not got[:, :, :5].any() and not got[:, :, 7:].any()
 
 
@@ -237,7 +249,7 @@ def test_bad_folders(tmp_path):
     with pytest.raises(ValueError, match="use Decoder.from_pretrained"):
         Encoder.from_pretrained(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "t5"}))
-    with pytest.raises(ValueError, match="only BERT and GPT-2"):
+    with pytest.raises(ValueError, match="only BERT, GPT-2 and Llama"):
         Decoder.from_pretrained(tmp_path)
 
 
