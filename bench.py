@@ -128,7 +128,7 @@ def full_depth(model, ids, mask, layers=None):
     tokens, bias, L = model.real_tokens(mask), model.attn_bias(mask), layers or model.config.n_layer
     x = model.run_layers(model.embed(ids, tokens=tokens), bias, tokens, n=L)
     h = x if tokens is None else unpack(x, tokens, *ids.shape)
-    return model.exit_logits(L - 1, model.exit_state(h, model.pool_weights(mask))).argmax(-1)
+    return model.exit_logits(model.exit_state(h, model.pool_weights(mask)), L - 1).argmax(-1)
 
 
 class TimedRule(cee.ExitRule):

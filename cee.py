@@ -56,6 +56,34 @@ def memorized_layer(preds, labels):
     return (last_wrong + 1).clamp(max=L)
 
 
+@torch.no_grad()
+def fit_exit_adapters(model, states, ridge=1e-2):
+    """
+    Stage 1 for a frozen language model: each layer's adapter (A_l, b_l) fitted in closed form,
+    least squares with a small ridge, so that A_l s_l + b_l comes as close as it can to the last
+    layer's state s_L of the same token; the exit head of layer l, head(norm(A_l s_l + b_l)),
+    then says what the whole model would. states (L, N, C): every layer's output at N tokens.
+    """
+    L, N, C = states.shape
+    target = states[-1].double()  # (N, C)
+    for l, adapter in enumerate(model.adapters):
+        x = torch.cat([states[l], states.new_ones(N, 1)], 1).double()  # (N, C + 1)
+        eye = torch.eye(C + 1, dtype=torch.double, device=x.device)
+        w = torch.linalg.solve(x.T @ x + ridge * eye, x.T @ target)  # (C + 1, C)
+        adapter.weight.copy_(w[:C].T)
+        adapter.bias.copy_(w[C])
+
+
+def first_agreeing_layer(preds, full):
+    """
+    Each input's first layer whose exit head predicts what the full depth does: where an oracle
+    that knew the full model's answer would exit. preds (N, L), full (N,) -> (N,) in 1..L.
+    Example: full [3, 3], preds [[1, 3, 3], [3, 1, 3]] -> [2, 1]
+    """
+    agree = preds == full[:, None]  # (N, L)
+    return (agree.cumsum(1) == 0).sum(1) + 1
+
+
 def policy_probs(model, s, logits):
     """p (B, L): each layer's exit probability from its policy; the last layer always exits
     (p_L = 1)."""
@@ -230,7 +258,7 @@ def _early_exit(model, input_ids, attention_mask, rule):
         x = model.run_layer(l, x, bias, tokens)
         h = x if tokens is None else unpack(x, tokens, len(rows), T)  # (b, T, C), b rows running
         s = model.exit_state(h, weights)  # (b, C)
-        logits = model.exit_logits(l, s) if head_every_layer else None  # (b, n), see needs_head
+        logits = model.exit_logits(s, l) if head_every_layer else None  # (b, n), see needs_head
         if l < L - 1:
             p = model.policies[l](model.policy_input(s, logits)) if rule.needs_policy else None
             stop, memory = rule.decide(l, logits, p, memory)
@@ -238,7 +266,7 @@ def _early_exit(model, input_ids, attention_mask, rule):
             n_stop = sum(leaving)
             if n_stop == 0:  # nobody: nothing to record, nothing to drop
                 continue
-        logits = model.exit_logits(l, s) if logits is None else logits
+        logits = model.exit_logits(s, l) if logits is None else logits
         if l == L - 1 or n_stop == len(rows):  # every row left stops here
             preds[rows], exits[rows] = logits.argmax(-1), l + 1
             break

@@ -128,7 +128,7 @@ def step(model, tok, cache, pos, rule, pending=None, finished=None, folded=None)
             continue
         state = x[:, -1]  # (B, C)
         # the C x vocab LM head, only when the rule needs it
-        logits = model.exit_logits(state) if rule.needs_head(model.config) else None
+        logits = model.exit_logits(state, l) if rule.needs_head(model.config) else None
         p = model.policies[l](model.policy_input(state, logits)) if rule.needs_policy else None
         stop, _ = rule.decide(l, logits, p, None)
         if stop.all():  # the one host synchronisation per layer
@@ -136,7 +136,7 @@ def step(model, tok, cache, pos, rule, pending=None, finished=None, folded=None)
                 model.copy_state_up(l, x, cache, pos, folded)
             else:
                 pending += [(r, x[:, i:i + 1], l + 1) for i, r in enumerate(positions)]
-            return (model.exit_logits(state) if logits is None else logits), l + 1
+            return (model.exit_logits(state, l) if logits is None else logits), l + 1
     if finished is None:
         return model.exit_logits(x[:, -1]), L
     logits = model.exit_logits(x)  # (B, rows, vocab)

@@ -70,6 +70,7 @@ class Config:
     n_kv_head: int = 0            # key/value heads, each shared by n_head / n_kv_head query heads;
                                   # 0 = n_head
     bias: bool = True             # biases in the attention and MLP projections
+    exit_adapters: bool = False   # decoder only: a linear map per layer before its exit head
     policy_hidden: int = 32       # width of the policy MLP (reference: 32)
     # the policy also reads the exit head's confidence (max prob, entropy)
     policy_conf: bool = False
@@ -387,7 +388,8 @@ class Encoder(Backbone):
             return torch.tanh(self.pooler(h[:, 0]))
         return h.mean(1) if weights is None else torch.bmm(weights, h).squeeze(1)  # masked mean
 
-    def exit_logits(self, l, state):
+    def exit_logits(self, state, l):
+        """Exit head l (0-based) on its exit state (B, C) -> (B, n_labels)."""
         return self.heads[l](F.dropout(state, self.config.dropout, self.training))  # (B, n_labels)
 
     def layer_states(self, input_ids, attention_mask=None, token_type_ids=None):
@@ -406,7 +408,7 @@ class Encoder(Backbone):
         states = self.layer_states(input_ids, attention_mask, token_type_ids)[1:]
         weights = self.pool_weights(attention_mask)
         s = torch.stack([self.exit_state(h, weights) for h in states], 1)  # (B, L, C)
-        logits = torch.stack([self.exit_logits(l, s[:, l]) for l in range(self.config.n_layer)], 1)
+        logits = torch.stack([self.exit_logits(s[:, l], l) for l in range(self.config.n_layer)], 1)
         return logits, s
 
     @staticmethod
@@ -469,7 +471,14 @@ class Decoder(Backbone):
         self.ln_f = norm_layer(cfg)
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         self.policies = nn.ModuleList(Policy(cfg) for _ in range(cfg.n_layer - 1))
+        # a linear map per layer before the shared head (a tuned lens, Belrose et al. 2023), so
+        # that a frozen model's early layers speak the last one's language
+        self.adapters = (nn.ModuleList(nn.Linear(cfg.n_embd, cfg.n_embd)
+                                       for _ in range(cfg.n_layer - 1))
+                         if cfg.exit_adapters else None)
         self.apply(init_weights)
+        for a in self.adapters or []:  # the identity: the untrained exit is the plain head
+            nn.init.eye_(a.weight)
         if cfg.tie_lm_head:
             self.lm_head.weight = self.wte.weight
 
@@ -484,8 +493,14 @@ class Decoder(Backbone):
         a cache it also fills layer l's K/V there."""
         return self.blocks[l](x, None if cache is None else cache[l], pos, self.rope)
 
-    def exit_logits(self, x):
-        """The exit head of any layer: final norm + LM head. (..., C) -> (..., vocab)."""
+    def exit_logits(self, x, l=None):
+        """
+        The exit head of layer l (0-based): its adapter, if the model has them, then the final
+        norm and the LM head, shared by every layer. (..., C) -> (..., vocab). l None, or the last
+        layer: the model's own output.
+        """
+        if self.adapters is not None and l is not None and l < len(self.adapters):
+            x = self.adapters[l](x)
         return self.lm_head(self.ln_f(x))
 
     def copy_state_up(self, l, x, cache, pos, folded=None):

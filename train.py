@@ -197,7 +197,8 @@ def token_outputs(model, b):
     """Task.outputs of a language model: R = B x T token positions, each labelled with the next
     token, its state the hidden state at that position."""
     s = torch.stack(model.layer_states(b["input_ids"])[1:], 2).flatten(0, 1)  # (B*T, L, C)
-    return model.exit_logits(s), s, b["labels"].flatten()
+    logits = torch.stack([model.exit_logits(s[:, l], l) for l in range(s.size(1))], 1)
+    return logits, s, b["labels"].flatten()
 
 
 def build_task(cfg):

@@ -117,6 +117,12 @@ def test_best_exits_hand_case():
     assert cee.best_exits(logits, target, memorized, 0.3, "correct").tolist() == [2, 1, 3]
 
 
+def test_first_agreeing_layer_hand_case():
+    full = torch.tensor([3, 3, 5])
+    preds = torch.tensor([[1, 3, 3], [3, 1, 3], [0, 0, 5]])
+    assert cee.first_agreeing_layer(preds, full).tolist() == [2, 1, 3]
+
+
 def pt(speedup, accuracy, **kw):
     return {"speedup": speedup, "accuracy": accuracy, **kw}
 
@@ -210,7 +216,7 @@ def test_policy_exit_runs_the_head_only_where_rows_stop(encoder):
     rule = cee.ExitRule("consistentee", (v[5] + v[6]).item() / 2)
     calls = []
     head = model.exit_logits
-    model.exit_logits = lambda l, s: calls.append((l + 1, len(s))) or head(l, s)
+    model.exit_logits = lambda s, l: calls.append((l + 1, len(s))) or head(s, l)
     _, exits = cee.early_exit(model, ids, torch.ones_like(ids), rule)
     running = [(l, int((exits >= l).sum())) for l in range(1, 5) if (exits >= l).any()]
     stopping = [(l, n) for l, n in running if (exits == l).any()]

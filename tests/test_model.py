@@ -128,7 +128,7 @@ def test_layer_stepping_equals_full_forward():
         logits, s = enc(ids, mask)
         assert logits.shape == (3, 3, 2) and s.shape == (3, 3, 16)
         s3 = enc.exit_state(states[3], enc.pool_weights(mask))
-        assert torch.allclose(logits[:, 2], enc.exit_logits(2, s3), atol=1e-6)
+        assert torch.allclose(logits[:, 2], enc.exit_logits(s3, 2), atol=1e-6)
         assert torch.allclose(s3, (states[3] * mask[:, :, None]).sum(1)
                               / mask.sum(1, keepdim=True), atol=1e-6)
 
@@ -148,7 +148,7 @@ def test_skipping_the_padding_changes_no_loss_or_gradient():
     padded = []
     for l in range(2):
         x = enc.run_layer(l, x, bias)
-        padded.append(enc.exit_logits(l, enc.exit_state(x, weights)))
+        padded.append(enc.exit_logits(enc.exit_state(x, weights), l))
     padded_loss = torch.stack(padded, 1).logsumexp(-1).sum()
     padded_grads = torch.autograd.grad(padded_loss, list(enc.parameters()), allow_unused=True)
     assert torch.allclose(loss, padded_loss, atol=1e-5)
