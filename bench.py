@@ -40,6 +40,7 @@ import torch
 
 import cee
 import data
+import tokenizer
 from common import load_model, overrides, pick_device
 from model import Config, Decoder, Encoder, unpack
 
@@ -213,8 +214,8 @@ def smollm2_generation(device, repeats, now, new_tokens=32):
     hf = transformers.AutoModelForCausalLM.from_pretrained(
         os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32)
     hf = hf.to(device).eval()
-    enc = data.gguf_tokenizer(path)
-    text = data.chat_prompt("Give me three tips for sleeping well.")
+    enc = tokenizer.gguf_tokenizer(path)
+    text = tokenizer.chat_prompt("Give me three tips for sleeping well.")
     idx = torch.tensor([enc.encode(text, allowed_special="all")], device=device)
     kw = dict(do_sample=False, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
               pad_token_id=2, attention_mask=torch.ones_like(idx))
@@ -297,7 +298,7 @@ def main(argv):
     model, source = classifier(cfg.ckpt, device)
     L = model.config.n_layer
     path = data.minilm_path()
-    vocab = data.WordPiece(os.path.join(path, "vocab.txt"))
+    vocab = tokenizer.WordPiece(os.path.join(path, "vocab.txt"))
     test = data.load_task("rotten_tomatoes", vocab)["test"]
     b64 = next(data.batches(test, 64, device=device))
     singles = [next(data.batches(test.select([i]), 1, device=device)) for i in range(16)]

@@ -10,7 +10,8 @@ from dataclasses import fields
 
 import torch
 
-from model import Config, Decoder, Encoder, first_line
+from model import Config, Decoder, Encoder
+from weights import first_line
 
 
 def overrides(cfg, argv, prog, doc):
@@ -67,17 +68,17 @@ def load_model(path, prog, device="cpu", kind=None):
         raise SystemExit(f"{prog}: {path} is missing")
     try:
         ckpt = torch.load(path, map_location=device, weights_only=True)
-        weights, config = ckpt["model"], Config(**ckpt["model_config"])
+        state, config = ckpt["model"], Config(**ckpt["model_config"])
     except Exception as e:  # not a torch file, truncated, or a dict of something else
         raise SystemExit(f"{prog}: cannot load {path}: {first_line(e)}; "
                          "is it a checkpoint written by train.py?") from None
-    found = Decoder if "ln_f.weight" in weights else Encoder
+    found = Decoder if "ln_f.weight" in state else Encoder
     if kind is not None and found is not kind:
         what = {Encoder: "a classification encoder", Decoder: "a language model"}
         raise SystemExit(f"{prog}: {path} holds {what[found]}; {prog} needs {what[kind]}")
     try:
         model = found(config)
-        model.load_state_dict(weights)
+        model.load_state_dict(state)
     except Exception as e:  # the weights do not fit the configuration they came with
         raise SystemExit(f"{prog}: cannot load {path}: {first_line(e)}") from None
     return model.to(device), ckpt

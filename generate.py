@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 import cee
-import data
+import tokenizer
 from common import load_model, overrides, pick_device
 from model import Decoder
 
@@ -274,8 +274,8 @@ def main(argv):
     device = pick_device(cfg.device, PROG)
     model = load_model(cfg.ckpt, PROG, device, kind=Decoder)[0].eval()
     try:  # a GGUF's own tokenizer; else GPT-2's BPE, or the shorter one of a train.py LM
-        enc = (data.gguf_tokenizer(cfg.ckpt) if cfg.ckpt.endswith(".gguf")
-               else data.gpt2_tokenizer(min(model.config.vocab_size, data.EOT + 1)))
+        enc = (tokenizer.gguf_tokenizer(cfg.ckpt) if cfg.ckpt.endswith(".gguf")
+               else tokenizer.gpt2_tokenizer(min(model.config.vocab_size, tokenizer.EOT + 1)))
     except ValueError as e:
         raise SystemExit(f"{PROG}: the model's vocabulary does not fit: {e}") from None
     stop = None
@@ -283,7 +283,7 @@ def main(argv):
         if "<|im_end|>" not in enc.special_tokens_set:
             raise SystemExit(f"{PROG}: --chat needs a model with a chat template (a SmolLM2 "
                              f"GGUF); {cfg.ckpt} has none")
-        idx = torch.tensor([enc.encode(data.chat_prompt(cfg.prompt), allowed_special="all")])
+        idx = torch.tensor([enc.encode(tokenizer.chat_prompt(cfg.prompt), allowed_special="all")])
         stop = enc.encode_single_token("<|im_end|>")
     else:
         idx = torch.tensor([enc.encode_ordinary(cfg.prompt)])

@@ -24,7 +24,6 @@ import os
 import sys
 import time
 from dataclasses import asdict, dataclass, fields, replace
-from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -34,7 +33,9 @@ import cee
 import data
 import report
 from common import load_model, overrides, pick_device
-from model import Config, Decoder, Encoder
+from parallel import (MASTER, RANK, WORLD, all_ok, check_replicas, gathered, log, my_share,
+                      rng_states, start_processes, sum_gradients)
+from tasks import all_layers, build_task
 
 PROG = "train.py"
 
@@ -71,9 +72,9 @@ class TrainConfig:
                                   # "label", or by the "full" depth's argmax
     reward: str = "correct"      # the reward's accuracy term: "correct" (1 if the exit head is
                                  # right) or "ce" (-CE)
-    alphas: str = "0.01,0.02,0.03,0.04,0.05,0.06,0.08,0.1,0.12,0.15,0.2"  # stage 2 trains policies
-                                 # for each (and each reward); stage 3 takes the one picked on
-                                 # validation
+    # the depth penalties: stage 2 trains a set of policies for each alpha and each reward, and
+    # stage 3 takes the alpha picked on the validation split
+    alphas: str = "0.01,0.02,0.03,0.04,0.05,0.06,0.08,0.1,0.12,0.15,0.2"
     # stage 3: all parameters, consistent loss + policy loss (on the inputs of stage 2)
     epochs3: float = 1
     lr3: float = 2e-5
@@ -167,70 +168,7 @@ def method_options(cfg):
 
 
 # -----------------------------------------------------------------------------
-# tasks: what differs between classifying texts and modelling language is decided here, once
-
-
-@dataclass
-class Task:
-    """
-    A task's splits and how its model and inputs are made. An input is a text for a classifier and
-    a token position for a language model (each window of max_len tokens gives max_len inputs).
-    """
-    splits: dict                 # train (stage 1), train_rl (stages 2 and 3: the inputs whose
-                                 # memorized layers are kept), validation, test
-    new_model: Callable          # () -> the stage-1 model, with fresh exit policies
-    outputs: Callable            # (model, batch) -> every exit's logits (R, L, n), states
-                                 # (R, L, C) and labels (R,) of the batch's R inputs
-    inputs_per_item: int         # inputs in one item of a split: 1 text, or max_len token positions
-    eval_batch: int              # items per batch when every layer's outputs are kept
-    timed: bool                  # time inference on the test split (a language model's is timed
-                                 # generating: generate.py, bench.py)
-
-
-def text_outputs(model, b):
-    """Task.outputs of a classifier: R = B texts, each one input."""
-    logits, s = model(b["input_ids"], b["attention_mask"])
-    return logits, s, b["labels"]
-
-
-def token_outputs(model, b):
-    """Task.outputs of a language model: R = B x T token positions, each labelled with the next
-    token, its state the hidden state at that position."""
-    s = torch.stack(model.layer_states(b["input_ids"])[1:], 2).flatten(0, 1)  # (B*T, L, C)
-    logits = torch.stack([model.exit_logits(s[:, l], l) for l in range(s.size(1))], 1)
-    return logits, s, b["labels"].flatten()
-
-
-def build_task(cfg):
-    """The task of the options: its splits (a classifier's texts, a language model's windows of
-    tokens) and its model."""
-    if cfg.task != "lm":
-        path = data.minilm_path() if cfg.init == "minilm" else cfg.init
-        splits = data.load_task(cfg.task, data.WordPiece(os.path.join(path, "vocab.txt")),
-                                cfg.max_len, cfg.seed)
-
-        def new_model():
-            return Encoder.from_pretrained(path, n_labels=len(splits["label_names"]), pool=cfg.pool,
-                                           policy_conf=cfg.policy_conf)
-        return Task(splits | {"train_rl": splits["train"]}, new_model, text_outputs, 1, 64, True)
-    if cfg.init == "scratch":
-        C, vocab = cfg.lm_width, cfg.lm_vocab
-
-        def new_model():
-            return Decoder(Config(n_layer=cfg.lm_layers, n_head=cfg.lm_heads, n_embd=C,
-                                  n_inner=4 * C, vocab_size=vocab, block_size=cfg.max_len,
-                                  act="gelu", ln_eps=1e-5, dropout=0.0,
-                                  policy_conf=cfg.policy_conf))
-    else:  # a GPT-2 folder, with its own vocabulary
-        with open(os.path.join(cfg.init, "config.json")) as f:
-            vocab = json.load(f)["vocab_size"]
-
-        def new_model():
-            return Decoder.from_pretrained(cfg.init, policy_conf=cfg.policy_conf)
-    splits = data.lm_task(vocab, cfg.max_len, cfg.lm_windows, cfg.lm_test_windows, cfg.seed)
-    splits["train_rl"] = splits["train"][:cfg.lm_rl_windows]
-    return Task(splits, new_model, token_outputs, cfg.max_len, 8, False)
-
+# the task's inputs, as the stages need them
 
 def check_memory(task, model, cfg):
     """Every layer's logits of a whole split are kept (stage 2, evaluation), and of a batch with
@@ -246,112 +184,9 @@ def check_memory(task, model, cfg):
                          "positions")
 
 
-@torch.no_grad()
-def all_layers(task, model, split, device):
-    """Every exit's states (R, L, C), logits (R, L, n) and labels (R,) of a split's inputs, in
-    eval mode."""
-    was_training = model.training
-    model.eval()
-    out = []
-    for b in data.batches(split, task.eval_batch, device=device):
-        logits, s, labels = task.outputs(model, b)
-        out.append((s, logits, labels))
-    model.train(was_training)
-    return [torch.cat(parts) for parts in zip(*out)]
-
-
-# -----------------------------------------------------------------------------
-# processes: under torchrun every process runs this whole script on its share of each batch
-
-RANK, WORLD = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-MASTER = RANK == 0  # only this process writes checkpoints and reports, and prints
-
-
-def log(*args):
-    if MASTER:
-        print(*args, flush=True)
-
-
-def start_processes(cfg):
-    """Under torchrun: join the other processes, each on its own GPU when there are GPUs."""
-    if WORLD == 1:
-        return
-    if cfg.batch_size % WORLD:
-        raise SystemExit(f"{PROG}: --batch_size={cfg.batch_size} must be a multiple of the "
-                         f"{WORLD} processes")
-    dist.init_process_group("nccl" if cfg.device.startswith("cuda") else "gloo")
-    if cfg.device.startswith("cuda"):
-        cfg.device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
-        torch.cuda.set_device(cfg.device)
-
-
 def gathered_layers(task, model, split, cfg):
-    """all_layers of a whole split, each process computing a contiguous shard, then shared by
-    all."""
-    if WORLD == 1:
-        return all_layers(task, model, split, cfg.device)
-    parts = [None] * WORLD
-    mine = (split.tensor_split(WORLD)[RANK] if isinstance(split, torch.Tensor)
-            else split.shard(WORLD, RANK, contiguous=True))
-    dist.all_gather_object(parts, [t.cpu() for t in all_layers(task, model, mine, cfg.device)])
-    return [torch.cat(shards).to(cfg.device) for shards in zip(*parts)]
-
-
-def all_ok(ok):
-    """True only if ok is True in every process: they must stop together, or the others wait
-    forever."""
-    if WORLD == 1:
-        return ok
-    flag = torch.tensor([float(ok)], device="cuda" if dist.get_backend() == "nccl" else "cpu")
-    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-    return bool(flag.item())
-
-
-def rng_states(cfg):
-    """Every process's random streams (CPU, and CUDA when used), so that each resumes its own."""
-    mine = [torch.get_rng_state(),
-            torch.cuda.get_rng_state() if cfg.device.startswith("cuda") else None]
-    if WORLD == 1:
-        return [mine]
-    everyone = [None] * WORLD
-    dist.all_gather_object(everyone, mine)
-    return everyone
-
-
-def my_share(batch):
-    """This process's rows of a global batch (every process sees the same batches, each takes a
-    slice), and their fraction of the batch; None when the batch is too small to give every process
-    a row (all skip it alike)."""
-    n = len(batch["index"])
-    if WORLD == 1:
-        return batch, 1.0
-    if n < WORLD:
-        return None, 0.0
-    lo, hi = RANK * n // WORLD, (RANK + 1) * n // WORLD
-    return {k: v[lo:hi] for k, v in batch.items()}, (hi - lo) / n
-
-
-def sum_gradients(params):
-    """What DistributedDataParallel does: each process's loss is weighted by its fraction of the
-    batch, so the sum of their gradients is the gradient of the batch mean."""
-    if WORLD > 1:
-        for p in params:
-            if p.grad is not None:
-                dist.all_reduce(p.grad)
-
-
-def check_replicas(model, stage):
-    """Every process must hold the same weights: compare each tensor's sum and sum of squares."""
-    if WORLD == 1:
-        return
-    mine = torch.stack([torch.stack([p.double().sum(), p.double().square().sum()])
-                        for p in model.state_dict().values()])
-    everyone = [None] * WORLD
-    dist.all_gather_object(everyone, mine.cpu())
-    if not all(torch.equal(everyone[0], other) for other in everyone):
-        raise SystemExit(f"{PROG}: the {WORLD} processes hold different weights after stage "
-                         f"{stage}")
-    log(f"replicas identical after stage {stage} ({WORLD} processes)")
+    """all_layers of a whole split, each process computing a shard (parallel.py)."""
+    return gathered(lambda part: all_layers(task, model, part, cfg.device), split, cfg.device)
 
 
 # -----------------------------------------------------------------------------

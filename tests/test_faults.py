@@ -9,8 +9,10 @@ import pytest
 import torch
 from datasets import Dataset
 
+import tasks
 import train
-from model import Config, Encoder, read_checkpoint
+from model import Config, Encoder
+from weights import read_checkpoint
 from test_train import run, write_task
 
 
@@ -74,7 +76,7 @@ def test_non_finite_loss_stops_at_the_step(tmp_path):
         model.heads[1].weight.fill_(float("nan"))
     split = Dataset.from_dict({"input_ids": [[1, 5, 6, 2]] * 8, "label": [0, 1] * 4})
     with pytest.raises(SystemExit, match=r"non-finite \['logits'\] at stage 1 step 1"):
-        task = train.Task({"train": split}, None, train.text_outputs, 1, 64, True)
+        task = tasks.Task({"train": split}, None, tasks.text_outputs, 1, 64, True)
         train.run_stage(model, 1, task, tiny_cfg(tmp_path, batch_size=4))
 
 

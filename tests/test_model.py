@@ -75,10 +75,11 @@ def test_minilm_real_weights_match_hf():
     """all-MiniLM-L6-v2 on 64 padded Rotten Tomatoes test inputs, at their real tokens (45% are
     padding)."""
     import data
+    import tokenizer
     path = data.minilm_path()
     hf = transformers.BertModel.from_pretrained(path).eval()
     ours = Encoder.from_pretrained(path).eval()
-    task = data.load_task("rotten_tomatoes", data.WordPiece(f"{path}/vocab.txt"))
+    task = data.load_task("rotten_tomatoes", tokenizer.WordPiece(f"{path}/vocab.txt"))
     b = next(data.batches(task["test"], 64))
     assert (b["attention_mask"] == 0).any()
     with torch.no_grad():

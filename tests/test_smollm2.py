@@ -9,6 +9,7 @@ import torch
 
 import cee
 import data
+import tokenizer
 import generate
 from model import Config, Decoder
 
@@ -92,7 +93,7 @@ def enc(gguf_path):
 
 
 def chat_ids(enc, text):
-    return torch.tensor([enc.encode(data.chat_prompt(text), allowed_special="all")])
+    return torch.tensor([enc.encode(tokenizer.chat_prompt(text), allowed_special="all")])
 
 
 def test_smollm2_config(smollm2):
@@ -239,7 +240,7 @@ def test_chat_template_as_transformers_applies_it(enc, hf_tokenizers):
     for text in PROMPTS[:3]:
         want = tok.apply_chat_template([{"role": "user", "content": text}],
                                        add_generation_prompt=True, tokenize=False)
-        assert data.chat_prompt(text) == want
+        assert tokenizer.chat_prompt(text) == want
         assert chat_ids(enc, text)[0].tolist() == tok.encode(want, add_special_tokens=False)
 
 

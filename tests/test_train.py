@@ -13,6 +13,7 @@ import cee
 import common
 import generate
 import rl
+import tasks
 import train
 from model import Config, Decoder, Encoder
 
@@ -168,8 +169,8 @@ def test_stage2_trains_the_policies_alone(tmp_path):
                            block_size=16))
     split = Dataset.from_dict({"input_ids": [[1, 5 + i % 7, 6, 2] for i in range(16)],
                                "label": [i % 2 for i in range(16)]})
-    task = train.Task({"train_rl": split}, None, train.text_outputs, 1, 64, True)
-    train_pass = train.all_layers(task, model, split, "cpu")
+    task = tasks.Task({"train_rl": split}, None, tasks.text_outputs, 1, 64, True)
+    train_pass = tasks.all_layers(task, model, split, "cpu")
     memorized = train.memorized_of(*train_pass[1:], train.TrainConfig())
     before = {k: v.clone() for k, v in model.state_dict().items()}
     cfg = train.TrainConfig(out_dir=str(tmp_path), device="cpu", batch_size=4, lr2=1e-2)
@@ -295,7 +296,7 @@ def test_lm_rows_are_token_positions():
     model = Decoder(Config(n_layer=3, n_head=2, n_embd=16, n_inner=32, vocab_size=50, block_size=8,
                            dropout=0.0))
     w = torch.randint(0, 50, (2, 9))
-    logits, s, labels = train.token_outputs(model, {"input_ids": w[:, :-1], "labels": w[:, 1:]})
+    logits, s, labels = tasks.token_outputs(model, {"input_ids": w[:, :-1], "labels": w[:, 1:]})
     assert (logits.shape == (16, 3, 50) and s.shape == (16, 3, 16)
             and torch.equal(labels, w[:, 1:].flatten()))
     states = model.layer_states(w[:, :-1])
