@@ -1,7 +1,7 @@
 """
 Does early exit save time on the clock, not only layers? Ratios of timings taken in one run.
 
-    python bench.py                  # a table; out/stage3.pt, out_lm/stage3.pt when there
+    python bench.py                  # a table; out/, out_lm/, out_smollm2/stage3.pt when there
     python bench.py --json           # one JSON object
     python bench.py --ckpt=PATH --repeats=15
     python bench.py --help           # every option
@@ -25,6 +25,12 @@ the two alternate input by input, and each input's medians are summed.
                                speculative_identical
   smollm2_ours_over_hf_generate  transformers' generate() time / ours, greedy, full depth, the
                                same dequantised SmolLM2-135M weights, float32
+  smollm2_policy_exit_speedup  with the exits of train.py --task=smollm2, on its 40 held-out chat
+                               prompts: tokens/s with policy exits / full depth, greedy;
+                               smollm2_policy_agreement, the share of tokens full depth would have
+                               picked; smollm2_speculative_speedup and _identical, the same for
+                               self-speculative decoding; smollm2_oracle_speedup, L / the mean
+                               first layer whose head agrees with full depth (teacher forcing)
 Without a checkpoint the model is all-MiniLM-L6-v2's shape with random weights, and policies scaled
 so that the inputs spread over the exit layers.
 """
@@ -56,6 +62,7 @@ class BenchConfig:
     ckpt: str = ""         # a classifier of train.py, or "random" (MiniLM's shape, random
                            # weights); "" = out/stage3.pt if it is there, else random
     lm_ckpt: str = ""      # a language model of train.py --task=lm; "" = out_lm/stage3.pt if there
+    smollm2_ckpt: str = ""  # exits of train.py --task=smollm2; "" = out_smollm2/stage3.pt if there
     repeats: int = 9       # timings per figure, interleaved; each figure is their median's ratio
     device: str = "auto"   # auto = cuda, then mps, then cpu
     json: bool = False     # print one JSON object instead of a table
@@ -88,17 +95,30 @@ def interleaved(fa, fb, repeats, now):
     input, and the ratio is of the sums of their medians. A pair then runs within milliseconds,
     not within the time of all inputs, so that a machine whose speed drifts slows both sides alike.
     """
-    fa, fb = ([f] if callable(f) else list(f) for f in (fa, fb))
-    ta, tb = [[] for _ in fa], [[] for _ in fb]
-    for a, b in zip(fa, fb, strict=True):
-        a(), b()
-    for _ in range(repeats):
-        for a, b, sa, sb in zip(fa, fb, ta, tb):
-            for f, ts in ((a, sa), (b, sb)):
-                t0 = now()
+    (ta, tb), _ = timed_runs([fa, fb], repeats, now)
+    return ta / tb
+
+
+def timed_runs(fs, repeats, now, warmup=True):
+    """
+    interleaved() for any number of sides: fs, each a function or a list of one function per
+    input, run input by input, side after side. Returns (each side's sum over inputs of its
+    median time, each side's outputs of the last repeat: a list, one per input).
+    """
+    fs = [[f] if callable(f) else list(f) for f in fs]
+    times = [[[] for _ in side] for side in fs]
+    outputs = [[None] * len(side) for side in fs]
+    if warmup:
+        for group in zip(*fs, strict=True):
+            for f in group:
                 f()
-                ts.append(now() - t0)
-    return sum(map(statistics.median, ta)) / sum(map(statistics.median, tb))
+    for _ in range(repeats):
+        for i, group in enumerate(zip(*fs, strict=True)):
+            for j, f in enumerate(group):
+                t0 = now()
+                outputs[j][i] = f()
+                times[j][i].append(now() - t0)
+    return [sum(map(statistics.median, side)) for side in times], outputs
 
 
 # -----------------------------------------------------------------------------
@@ -224,6 +244,55 @@ def smollm2_generation(device, repeats, now, new_tokens=32):
                             partial(generate.generate, ours, idx, new_tokens),
                             max(1, repeats // 3), now)
     return {"smollm2_ours_over_hf_generate": ratio}
+
+
+def smollm2_exits(ckpt, device, repeats, now, new_tokens=32):
+    """
+    The exits of train.py --task=smollm2 on its held-out (test) prompts: greedy replies of at most
+    32 tokens at full depth, with policy exits (state copying) and self-speculative, each prompt
+    run by the three in turn (timed_runs); the oracle's layer speed-up by teacher forcing on full
+    depth's replies, each token at the first layer whose head says what full depth does.
+    """
+    import generate
+    import llm
+    keys = ("smollm2_policy_exit_speedup", "smollm2_policy_agreement",
+            "smollm2_speculative_speedup", "smollm2_speculative_identical",
+            "smollm2_oracle_speedup")
+    if not ckpt and not os.path.isfile("out_smollm2/stage3.pt"):
+        return {"smollm2_model": "out_smollm2/stage3.pt missing: run python train.py "
+                                 "--task=smollm2"} | dict.fromkeys(keys)
+    ckpt = ckpt or "out_smollm2/stage3.pt"
+    model, state = load_model(ckpt, PROG, device, kind=Decoder)
+    if "gguf" not in state:
+        raise SystemExit(f"{PROG}: {ckpt} is not a checkpoint of train.py --task=smollm2")
+    model, saved = model.eval(), state["config"]
+    test = llm.prompts(saved["llm_train"], saved["llm_validation"], saved["llm_test"],
+                       saved["seed"])["test"]
+    enc = tokenizer.gguf_tokenizer(state["gguf"])
+    stop = enc.encode_single_token("<|im_end|>")
+    idxs = [llm.encode_chat(enc, text, device) for text in test]
+    picked = {k: state["generate"][k] for k in ("threshold", "kv")}  # on validation
+    modes = ({}, dict(exit="policy", **picked), dict(exit="speculative", **picked))
+    runs = [[partial(generate.generate, model, idx, new_tokens, stop=stop, **kw) for idx in idxs]
+            for kw in modes]
+    for run in runs:  # warm-up, not timed
+        run[0]()
+    (t_full, t_policy, t_spec), (full, policy, spec) = timed_runs(runs, max(1, repeats // 9), now,
+                                                                  warmup=False)
+    agree = [generate.agreement_with_full(model, idx, new) * new.size(1)
+             for idx, (new, _) in zip(idxs, policy)]
+    pairs = [(idx[0].tolist(), new[0].tolist()) for idx, (new, _) in zip(idxs, full)]
+    tables = llm.head_tables(model, llm.reply_states(model, pairs))
+    return {"smollm2_model": ckpt, "smollm2_policy_exit_speedup": t_full / t_policy,
+            "smollm2_policy_agreement": sum(agree) / sum(new.size(1) for new, _ in policy),
+            "smollm2_policy_mean_exit_layer": statistics.mean(st["mean_exit_layer"]
+                                                              for _, st in policy),
+            "smollm2_speculative_speedup": t_full / t_spec,
+            "smollm2_speculative_identical": all(torch.equal(a, b)
+                                                 for (a, _), (b, _) in zip(full, spec)),
+            "smollm2_speculative_accepted_per_draft": statistics.mean(st["accepted_per_draft"]
+                                                                      for _, st in spec),
+            "smollm2_oracle_speedup": llm.oracle_speedup(tables)}
 
 
 def lm_generation(ckpt, device, repeats, now, new_tokens=96):
@@ -357,6 +426,7 @@ def main(argv):
     out.update(generation(device, repeats, now))
     out.update(lm_generation(cfg.lm_ckpt, device, repeats, now))
     out.update(smollm2_generation(device, repeats, now))
+    out.update(smollm2_exits(cfg.smollm2_ckpt, device, repeats, now))
     out["speculative_identical"] = (out["speculative_identical_random_gpt2"]
                                     and out.get("speculative_identical_lm", True))
 
@@ -372,7 +442,10 @@ def main(argv):
                 "policy_exit_speedup", "policy_agreement", "policy_exit_mean_exit_layer",
                 "policy_exit_defer_speedup", "policy_agreement_defer", "speculative_speedup",
                 "speculative_identical_lm", "speculative_accepted_per_draft",
-                "smollm2_ours_over_hf_generate"):
+                "smollm2_ours_over_hf_generate", "smollm2_model", "smollm2_policy_exit_speedup",
+                "smollm2_policy_agreement", "smollm2_policy_mean_exit_layer",
+                "smollm2_speculative_speedup", "smollm2_speculative_identical",
+                "smollm2_speculative_accepted_per_draft", "smollm2_oracle_speedup"):
         if key in out:
             v = out[key]
             print(f"{key:<32}{v:.3f}" if isinstance(v, float) else f"{key:<32}{v}")

@@ -80,15 +80,25 @@ def first_agreeing_layer(preds, full):
     that knew the full model's answer would exit. preds (N, L), full (N,) -> (N,) in 1..L.
     Example: full [3, 3], preds [[1, 3, 3], [3, 1, 3]] -> [2, 1]
     """
-    agree = preds == full[:, None]  # (N, L)
-    return (agree.cumsum(1) == 0).sum(1) + 1
+    return first_layer(preds == full[:, None])
+
+
+def first_layer(stop):
+    """
+    Each row's first layer whose column is True, L when none is: stop (N, L) bool -> (N,) in 1..L.
+    Example: [[False, True, True], [False, False, False]] -> [2, 3]
+    """
+    stop = stop.clone()
+    stop[:, -1] = True  # the last layer always exits
+    return stop.int().argmax(1) + 1
 
 
 def policy_probs(model, s, logits):
     """p (B, L): each layer's exit probability from its policy; the last layer always exits
-    (p_L = 1)."""
-    L = logits.size(1)
-    p = [model.policies[l](model.policy_input(s[:, l], logits[:, l])) for l in range(L - 1)]
+    (p_L = 1). logits may be None when the policy reads the states alone (no policy_conf)."""
+    L = s.size(1)
+    p = [model.policies[l](model.policy_input(s[:, l], None if logits is None else logits[:, l]))
+         for l in range(L - 1)]
     return torch.stack(p + [s.new_ones(s.size(0))], 1)
 
 
@@ -121,16 +131,34 @@ def stage_loss(model, stage, s, logits, labels, memorized, alpha, K=8, estimator
     if stage == 1:
         loss = weighted_exit_loss(logits, labels)
         return loss, {"loss/cls": loss.item()}
-    L = logits.size(1)
     ce = exit_ce(logits, labels)  # (B, L)
     # The reward scores each head against reward_target: the label, or the full depth's prediction
     # (target "full": the policy learns when a head agrees with the last one, the consistency
     # CALM asks of generation)
     gain = exit_gain(logits.detach(), reward_target(logits, labels, target), reward)  # (B, L)
+    policy_loss, share, logs = policy_gradient(model, s, logits, gain, memorized, alpha, K,
+                                               estimator)
+    if stage == 2:
+        return policy_loss, logs
+    cls_loss = (share * ce).sum(1).mean()  # consistent: CE only where the input exits
+    logs["loss/cls"] = cls_loss.item()
+    return cls_loss + policy_loss, logs
+
+
+def policy_gradient(model, s, logits, gain, memorized, alpha, K=8, estimator="reinforce"):
+    """
+    The policy's loss with the hardness reward (stages 2 and 3), and share (B, L): the weight of
+    each exit in the consistent loss, the fraction of the K sampled trajectories that exit there
+    (estimator "reinforce"), or the probability of exiting there ("exact").
+    s (B, L, C) exit states, logits (B, L, n) the heads' outputs (None when the policy does not
+    read them: see policy_probs), gain (B, L) the reward's accuracy term of each exit (exit_gain).
+    Returns (policy loss, share, {name: value} to log).
+    """
+    L = s.size(1)
     # The policy learns from the reward only: it reads detached states, so no noisy REINFORCE
     # gradient reaches the backbone; in stage 3 the backbone learns from the loss at the exits
     # actually taken.
-    p = policy_probs(model, s.detach(), logits.detach())  # (B, L)
+    p = policy_probs(model, s.detach(), None if logits is None else logits.detach())  # (B, L)
     rewards = rl.reward_table(gain, memorized, alpha)  # (B, L) reward of exiting at each layer
     if estimator == "exact":
         share = rl.exit_distribution(p).detach()  # (B, L) probability of exiting at l
@@ -141,11 +169,24 @@ def stage_loss(model, stage, s, logits, labels, memorized, alpha, K=8, estimator
         policy_loss = rl.reinforce_loss(log_prob, rewards.T.gather(0, exits - 1))
     layers = torch.arange(1, L + 1, device=p.device)  # (L,)
     logs = {"loss/policy": policy_loss.item(), "exit/mean": (share * layers).sum(1).mean().item()}
-    if stage == 2:
-        return policy_loss, logs
-    cls_loss = (share * ce).sum(1).mean()  # consistent: CE only where the input exits
-    logs["loss/cls"] = cls_loss.item()
-    return cls_loss + policy_loss, logs
+    return policy_loss, share, logs
+
+
+def taken_exits_loss(model, s, share, labels):
+    """
+    The consistent loss (share * CE).sum(1).mean() of stage 3, for a language model whose heads
+    are too costly to run at every layer (a 49,152-token head costs as much as 8 of SmolLM2's
+    layers): each head runs only on the inputs that exit at its layer, and only where it can learn
+    (a layer with an adapter; the last layer's head is the frozen model's own).
+    s (B, L, C) exit states, share (B, L) from policy_gradient, labels (B,) -> scalar.
+    """
+    loss = s.new_zeros(())
+    rows, layers = share[:, :len(model.adapters)].nonzero(as_tuple=True)
+    for l in layers.unique().tolist():
+        i = rows[layers == l]  # the inputs that exit at layer l + 1
+        ce = F.cross_entropy(model.exit_logits(s[i, l], l), labels[i], reduction="none")
+        loss = loss + (share[i, l] * ce).sum()
+    return loss / len(s)
 
 
 def reward_target(logits, labels, target):
@@ -298,19 +339,19 @@ def sweep(name, params, logits, labels, p=None):
     logits (B, L, n), labels (B,), p (B, L)
     -> [{"name", "param", "accuracy", "agreement", "avg_layers", "speedup"}]
     """
-    B, L, _ = logits.shape
-    full = logits[:, -1].argmax(-1)  # (B,)
-    points = []
-    for v in params:
-        exits = exit_layers(ExitRule(name, v), logits, p)  # (B,)
-        # (B,) each input's answer, by the head it exits at
-        preds = logits[torch.arange(B, device=logits.device), exits - 1].argmax(-1)
-        avg = exits.float().mean().item()
-        points.append({"name": name, "param": v,
-                       "accuracy": (preds == labels).float().mean().item(),
-                       "agreement": (preds == full).float().mean().item(),
-                       "avg_layers": avg, "speedup": L / avg})
-    return points
+    preds = logits.argmax(-1)  # (B, L) every head's answer
+    return [point(name, v, exit_layers(ExitRule(name, v), logits, p), preds, labels)
+            for v in params]
+
+
+def point(name, param, exits, preds, labels):
+    """One rule's figures at one knob value: exits (B,) in 1..L, preds (B, L) every head's answer,
+    labels (B,) -> {"name", "param", "accuracy", "agreement", "avg_layers", "speedup"}."""
+    answer = preds.gather(1, (exits - 1)[:, None])[:, 0]  # (B,) by the head each input exits at
+    avg = exits.float().mean().item()
+    return {"name": name, "param": param, "accuracy": (answer == labels).float().mean().item(),
+            "agreement": (answer == preds[:, -1]).float().mean().item(),
+            "avg_layers": avg, "speedup": preds.size(1) / avg}
 
 
 def grids(L, n_labels, threshold=0.5):

@@ -72,6 +72,8 @@ def load_model(path, prog, device="cpu", kind=None):
     except Exception as e:  # not a torch file, truncated, or a dict of something else
         raise SystemExit(f"{prog}: cannot load {path}: {first_line(e)}; "
                          "is it a checkpoint written by train.py?") from None
+    if "gguf" in ckpt:  # train.py --task=smollm2: adapters and policies beside a GGUF's backbone
+        return frozen_llm(path, ckpt, prog, device, kind)
     found = Decoder if "ln_f.weight" in state else Encoder
     if kind is not None and found is not kind:
         what = {Encoder: "a classification encoder", Decoder: "a language model"}
@@ -80,5 +82,22 @@ def load_model(path, prog, device="cpu", kind=None):
         model = found(config)
         model.load_state_dict(state)
     except Exception as e:  # the weights do not fit the configuration they came with
+        raise SystemExit(f"{prog}: cannot load {path}: {first_line(e)}") from None
+    return model.to(device), ckpt
+
+
+def frozen_llm(path, ckpt, prog, device, kind):
+    """A checkpoint of train.py --task=smollm2: the backbone from the GGUF file it names, its
+    exit adapters and policies from the checkpoint."""
+    if kind is Encoder:
+        raise SystemExit(f"{prog}: {path} holds a language model; {prog} needs a classification "
+                         "encoder")
+    try:
+        model = Decoder.from_pretrained(ckpt["gguf"], exit_adapters=True)
+        mine = {k for k in model.state_dict() if k.startswith(("adapters.", "policies."))}
+        if set(ckpt["model"]) != mine:
+            raise ValueError(f"its adapters and policies do not fit {ckpt['gguf']}")
+        model.load_state_dict(ckpt["model"], strict=False)
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
         raise SystemExit(f"{prog}: cannot load {path}: {first_line(e)}") from None
     return model.to(device), ckpt

@@ -7,7 +7,10 @@ Generate text with a GPT-2 style Decoder, each token choosing its own exit layer
 
 --ckpt is a Hugging Face GPT-2 or Llama folder, or a .gguf file of the Llama family such as
 SmolLM2-135M-Instruct (their exit policies are then untrained), or a decoder checkpoint of
-train.py --task=lm. --chat wraps the prompt in the model's chat template. --exit picks how deep
+train.py --task=lm, or of train.py --task=smollm2 (its adapters and policies, beside the GGUF):
+
+    python generate.py --ckpt=out_smollm2/stage3.pt --chat --prompt="Hi!" --exit=speculative
+ --chat wraps the prompt in the model's chat template. --exit picks how deep
 each generated token goes:
   none         every layer (plain greedy or sampled decoding with a KV cache)
   policy       the first layer whose exit policy says p > threshold (ConsistentEE, token level)
@@ -18,7 +21,8 @@ each generated token goes:
                under CUDA's bf16 a near-tie may round differently in the batched verification);
                with --temperature > 0, speculative sampling: tokens distributed as full depth's.
 A token that exits early leaves its skipped layers without keys/values, which later tokens attend
-to. --kv picks how they are filled:
+to. --kv picks how they are filled (a checkpoint of train.py --task=smollm2 brings its own
+--threshold and --kv, picked on validation; given options win):
   copy   state copying (CALM, Schuster et al. 2022): at once, from the exited state
          (Decoder.copy_state_up)
   defer  deferred fill (FREE, Bae et al. 2023): the token's skipped layers run later, batched with
@@ -48,7 +52,7 @@ PROG = "generate.py"
 
 @dataclass
 class GenConfig:
-    ckpt: str = ""               # a Hugging Face GPT-2 folder or a decoder checkpoint (.pt)
+    ckpt: str = ""               # a Hugging Face folder, a .gguf, or a decoder checkpoint (.pt)
     prompt: str = ""
     exit: str = "none"           # none | policy | confidence | speculative
     kv: str = "copy"             # copy | defer: how an early exit's skipped layers get keys/values
@@ -272,9 +276,14 @@ def agreement_with_full(model, idx, new):
 def main(argv):
     cfg = parse_args(argv)
     device = pick_device(cfg.device, PROG)
-    model = load_model(cfg.ckpt, PROG, device, kind=Decoder)[0].eval()
+    model, ckpt = load_model(cfg.ckpt, PROG, device, kind=Decoder)
+    model.eval()
+    gguf = cfg.ckpt if cfg.ckpt.endswith(".gguf") else ckpt.get("gguf")  # or train.py's smollm2
+    for key, value in ckpt.get("generate", {}).items():  # train.py --task=smollm2 picks them
+        if hasattr(cfg, key) and not any(a.startswith(f"--{key}=") for a in argv):
+            setattr(cfg, key, value)
     try:  # a GGUF's own tokenizer; else GPT-2's BPE, or the shorter one of a train.py LM
-        enc = (tokenizer.gguf_tokenizer(cfg.ckpt) if cfg.ckpt.endswith(".gguf")
+        enc = (tokenizer.gguf_tokenizer(gguf) if gguf
                else tokenizer.gpt2_tokenizer(min(model.config.vocab_size, tokenizer.EOT + 1)))
     except ValueError as e:
         raise SystemExit(f"{PROG}: the model's vocabulary does not fit: {e}") from None

@@ -11,6 +11,7 @@ then evaluate ConsistentEE against the classic exit rules on the test split.
     python train.py                          # Rotten Tomatoes, all-MiniLM-L6-v2, 10.5 min, 2 cores
     python train.py --alphas=0.05 --stage=2  # rerun stage 2 (and 3) from out/stage1.pt, one alpha
     python train.py --task=lm                # a GPT-2 style decoder from scratch on IMDB, ~10 min
+    python train.py --task=smollm2           # exits for the frozen SmolLM2-135M (llm.py), ~20 min
     python train.py --help                   # every option
 
 With --task=lm every token position is one input: its exit state is its hidden state, its label the
@@ -100,6 +101,13 @@ class TrainConfig:
     lm_rl_windows: int = 1024    # the first of them: their tokens' memorized layers are kept,
                                  # stages 2 and 3 train on them
     lm_test_windows: int = 64
+    # --task=smollm2: SmolLM2-135M-Instruct, frozen, learns adapters and policies (llm.py)
+    llm_train: int = 240         # chat prompts whose greedy replies train adapters and policies
+    llm_validation: int = 32     # prompts whose replies pick alpha
+    llm_test: int = 40           # prompts whose replies the report measures (and bench.py)
+    llm_new_tokens: int = 48     # tokens per reply at most
+    llm_agreement: float = 0.9   # alpha picked: the fastest on validation whose tokens are full
+                                 # depth's this often
 
 
 # --task=lm: a small decoder learns from scratch, with a higher learning rate, a warm-up and beta2
@@ -113,15 +121,25 @@ LM_DEFAULTS = {"out_dir": "out_lm", "init": "scratch", "lr1": 3e-3, "epochs1": 1
                "control": False}
 
 
+# --task=smollm2: the frozen SmolLM2-135M-Instruct (llm.py); stage 2 sees every token of the
+# training replies (about 7,700) in batches of 256, its policies learn when a head agrees with full
+# depth (reward correct: on validation, 1.31x at 0.9 agreement against -CE's 1.10x); stage 3
+# moves the adapters gently
+SMOLLM2_DEFAULTS = {"out_dir": "out_smollm2", "init": "smollm2", "policy_target": "full",
+                    "reward": "correct", "alphas": "0.03,0.05,0.08", "batch_size": 256,
+                    "epochs2": 10, "lr2": 1e-3, "epochs3": 1, "lr3": 1e-4, "control": False}
+TASK_DEFAULTS = {"lm": LM_DEFAULTS, "smollm2": SMOLLM2_DEFAULTS}
+
+
 def parse_args(argv):
-    cfg = overrides(TrainConfig(), argv, PROG, __doc__ + f"\n--task=lm defaults: {LM_DEFAULTS}")
+    cfg = overrides(TrainConfig(), argv, PROG, __doc__ + "".join(
+        f"\n--task={k} defaults: {v}" for k, v in TASK_DEFAULTS.items()))
     given = {arg.removeprefix("--").partition("=")[0] for arg in argv}
-    if cfg.task == "lm":
-        for key, value in LM_DEFAULTS.items():
-            if key not in given:
-                setattr(cfg, key, value)
-        if "lr1" not in given and cfg.init != "scratch":
-            cfg.lr1 = 5e-5  # fine-tuning a pretrained GPT-2, not learning from scratch
+    for key, value in TASK_DEFAULTS.get(cfg.task, {}).items():
+        if key not in given:
+            setattr(cfg, key, value)
+    if cfg.task == "lm" and "lr1" not in given and cfg.init != "scratch":
+        cfg.lr1 = 5e-5  # fine-tuning a pretrained GPT-2, not learning from scratch
     checks = [
         (cfg.K >= 1, "--K must be >= 1"), (cfg.stage in (1, 2, 3), "--stage must be 1, 2 or 3"),
         (cfg.max_steps >= 0, "--max_steps must be >= 0"),
@@ -142,7 +160,16 @@ def parse_args(argv):
         (cfg.lm_test_windows >= 1, "--lm_test_windows >= 1"),
         (cfg.lm_layers >= 2, "--lm_layers >= 2"),
         (min(cfg.lm_heads, cfg.lm_width) >= 1, "--lm_heads and --lm_width must be >= 1"),
-        (cfg.lm_width % max(cfg.lm_heads, 1) == 0, "--lm_width must be a multiple of --lm_heads")]
+        (cfg.lm_width % max(cfg.lm_heads, 1) == 0, "--lm_width must be a multiple of --lm_heads"),
+        (min(cfg.llm_train, cfg.llm_validation, cfg.llm_test, cfg.llm_new_tokens) >= 2,
+         "--llm_train, --llm_validation, --llm_test and --llm_new_tokens must be >= 2"),
+        (0 < cfg.llm_agreement <= 1, "--llm_agreement must lie in (0, 1]"),
+        (cfg.task != "smollm2" or not cfg.policy_conf,
+         "--task=smollm2 needs --policy_conf=false: a 49,152-token head at every layer costs as "
+         "much as 8 layers"),
+        (cfg.task != "smollm2" or (cfg.stage == 1 and not cfg.resume and WORLD == 1),
+         "--task=smollm2 runs its three stages in one process (--stage, --resume and torchrun "
+         "are for the other tasks)")]
     for ok, msg in checks:
         if not ok:
             raise SystemExit(f"{PROG}: {msg}")
@@ -620,6 +647,9 @@ def starting_point(task, cfg):
 def main(argv):
     cfg = parse_args(argv)
     cfg.device = pick_device(cfg.device, PROG)
+    if cfg.task == "smollm2":  # a frozen pretrained LLM: its own short pipeline
+        import llm
+        return llm.main(cfg)
     start_processes(cfg)
     torch.manual_seed(cfg.seed)
     try:

@@ -1,0 +1,452 @@
+"""
+ConsistentEE on a frozen pretrained LLM, SmolLM2-135M-Instruct: python train.py --task=smollm2.
+
+Its 135M weights never change; what learns is small and sits beside them:
+  1. an adapter per layer before the shared head (a linear map, cee.fit_exit_adapters), fitted in
+     closed form on every layer's states at the model's own greedy replies to chat prompts
+  2. the exit policies, one set per depth penalty alpha (and reward), on those cached states;
+     alpha and the threshold picked on the validation prompts (the fastest whose tokens are full
+     depth's at least --llm_agreement of the time), and kept in the checkpoint
+  3. adapters and policies together: the adapters learn only at the exits taken (the consistent
+     loss, cee.taken_exits_loss), plus the policy loss
+The reward and the memorized layer judge each head against the full depth's token (policy_target
+full): what generation is judged by. A head of 49,152 tokens at every layer would not fit (6 GB per
+1,000 tokens), so each head is read once per token and kept as a few numbers (HeadTables).
+The checkpoint holds the adapters and policies and the GGUF's path, not the backbone:
+generate.py --ckpt=out_smollm2/stage3.pt --chat --exit=policy loads both.
+"""
+import copy
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, replace
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import cee
+import data
+import report
+import tokenizer
+from model import Decoder, confidence
+from parallel import log
+
+PROG = "train.py"
+
+# what the prompts ask of each Rotten Tomatoes sentence, in turn
+TEMPLATES = ("Summarize this movie review in one sentence:\n{}",
+             "Is this movie review positive or negative? Say why.\n{}",
+             "Write a short reply to this movie review:\n{}",
+             "Continue this movie review with two more sentences:\n{}")
+
+
+def prompts(n_train, n_val, n_test, seed):
+    """Chat prompts from real text: Rotten Tomatoes sentences, shuffled by seed, each in one of the
+    TEMPLATES; {"train", "validation", "test"} lists of disjoint prompts."""
+    texts = data.movie_reviews("rotten_tomatoes")[0]
+    order = torch.randperm(len(texts), generator=torch.Generator().manual_seed(seed)).tolist()
+    chosen = [TEMPLATES[i % len(TEMPLATES)].format(texts[j])
+              for i, j in enumerate(order[:n_train + n_val + n_test])]
+    return {"train": chosen[:n_train], "validation": chosen[n_train:n_train + n_val],
+            "test": chosen[n_train + n_val:]}
+
+
+def encode_chat(enc, text, device="cpu"):
+    """A user's message in the chat template, as ids (1, T)."""
+    return torch.tensor([enc.encode(tokenizer.chat_prompt(text), allowed_special="all")],
+                        device=device)
+
+
+@torch.no_grad()
+def replies(model, enc, texts, new_tokens, desc):
+    """The model's own greedy reply (full depth, at most new_tokens) to each prompt: a list of
+    (prompt ids, reply ids), each a list of ints."""
+    import generate  # the generation loop lives there; it imports nothing of this file
+    stop = enc.encode_single_token("<|im_end|>")
+    out = []
+    for text in tqdm(texts, desc=desc, dynamic_ncols=True):
+        idx = encode_chat(enc, text, model.wte.weight.device)
+        new, _ = generate.generate(model, idx, new_tokens, stop=stop)
+        out.append((idx[0].tolist(), new[0].tolist()))
+    return out
+
+
+@torch.no_grad()
+def reply_states(model, pairs):
+    """
+    Every layer's state at the replies' tokens (teacher forcing): the method's inputs are the
+    token positions whose next token generation decides, each reply's tokens but its last.
+    pairs: replies() -> (N, L, C), N tokens in all.
+    """
+    out = []
+    for prompt, reply in pairs:
+        seq = torch.tensor([prompt + reply], device=model.wte.weight.device)
+        states = model.layer_states(seq)[1:]  # L x (1, T, C)
+        out.append(torch.stack(states, 2)[0, len(prompt):seq.size(1) - 1])  # (n, L, C)
+    return torch.cat(out)
+
+
+def cached_replies(model, enc, split, gguf, cfg):
+    """replies() of every split, kept in out_dir/replies.pt: a run with other options of the
+    method (alphas, learning rates) does not generate them again."""
+    key = {"gguf": os.path.basename(gguf), "seed": cfg.seed, "new_tokens": cfg.llm_new_tokens,
+           "prompts": split}
+    path = os.path.join(cfg.out_dir, "replies.pt")
+    if os.path.isfile(path):
+        try:
+            saved = torch.load(path, weights_only=True)
+            if saved["key"] == key:
+                return saved["replies"]
+        except Exception:  # unreadable: made again below
+            pass
+    out = {k: replies(model, enc, v, cfg.llm_new_tokens, f"replies {k}") for k, v in split.items()}
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    torch.save({"key": key, "replies": out}, path + ".tmp")
+    os.replace(path + ".tmp", path)
+    return out
+
+
+@dataclass
+class HeadTables:
+    """What the method reads of every exit head at N tokens, each (N, L): the head's token, its
+    cross-entropy against the full depth's token, its top probability and its entropy."""
+    preds: torch.Tensor
+    ce: torch.Tensor
+    top: torch.Tensor
+    entropy: torch.Tensor
+
+    def gain(self, reward):
+        """cee.exit_gain from the tables, against the full depth's token."""
+        return -self.ce if reward == "ce" else (self.preds == self.preds[:, -1:]).float()
+
+    def memorized(self):
+        return cee.memorized_layer(self.preds, self.preds[:, -1])
+
+
+@torch.no_grad()
+def head_tables(model, s, chunk=512):
+    """HeadTables of the current exit heads on the states s (N, L, C), chunk tokens at a time."""
+    parts = []
+    for x in s.split(chunk):
+        full = model.exit_logits(x[:, -1]).argmax(-1)  # (n,)
+        cols = []
+        for l in range(s.size(1)):
+            logits = model.exit_logits(x[:, l], l)  # (n, vocab)
+            top, entropy = confidence(logits)
+            ce = F.cross_entropy(logits, full, reduction="none")
+            cols.append(torch.stack([logits.argmax(-1).float(), ce, top, entropy], 1))
+        parts.append(torch.stack(cols, 1))  # (n, L, 4)
+    t = torch.cat(parts)
+    return HeadTables(t[..., 0].long(), t[..., 1], t[..., 2], t[..., 3])
+
+
+def standardizer(s):
+    """Each layer's per-feature mean and standard deviation (L, C) over the tokens of s (N, L, C).
+    SmolLM2's states hold a few features in the hundreds and most near 1 (massive activations): the
+    policies learn on standardized states, (s - mean) / std, and fold_policies bakes it in after."""
+    return s.mean(0), s.std(0).clamp(min=1e-3)
+
+
+def fold_policies(policies, mean, std):
+    """Policies that read raw states as the given ones read (s - mean) / std: each one's first
+    layer W x + b becomes (W / std) s + (b - (W / std) mean). A new ModuleList; the old stay."""
+    folded = copy.deepcopy(policies)
+    with torch.no_grad():
+        for pi, mu, sd in zip(folded, mean, std):
+            fc = pi.net[0]
+            fc.weight.div_(sd)
+            fc.bias.sub_(fc.weight @ mu)
+    return folded
+
+
+def run_stage(model, stage, s, z, tables, alpha, cfg, name):
+    """
+    Stage 2 (the policies) or 3 (adapters and policies) on the cached states s (N, L, C), which
+    the policies read standardized (z). The reward reads tables, the heads as they were when the
+    stage began (stage 3 moves the adapters a little; reading every head again at each step would
+    cost 8 layers' work per head).
+    """
+    epochs, lr = (cfg.epochs2, cfg.lr2) if stage == 2 else (cfg.epochs3, cfg.lr3)
+    params = list(model.policies.parameters())
+    if stage == 3:
+        params += list(model.adapters.parameters())
+    per_epoch = math.ceil(len(z) / cfg.batch_size)
+    total = math.ceil(epochs * per_epoch)
+    total = min(total, cfg.max_steps) if cfg.max_steps else total
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 1 - i / total)  # linear decay
+    torch.manual_seed(cfg.seed + cfg.train_seed + stage)
+    g = torch.Generator().manual_seed(cfg.seed + cfg.train_seed + stage)
+    gain, memorized, target = tables.gain(cfg.reward), tables.memorized(), tables.preds[:, -1]
+    batches = iter(())
+    for step in tqdm(range(total), desc=name, dynamic_ncols=True):
+        i = next(batches, None)
+        if i is None:  # a new epoch, shuffled
+            batches = iter(torch.randperm(len(z), generator=g).split(cfg.batch_size))
+            i = next(batches)
+        loss, share, logs = cee.policy_gradient(model, z[i], None, gain[i], memorized[i], alpha,
+                                                cfg.K, cfg.estimator)
+        if stage == 3:
+            consistent = cee.taken_exits_loss(model, s[i], share, target[i])
+            loss, logs["loss/cls"] = loss + consistent, consistent.item()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        if (step + 1) % cfg.log_interval == 0 or step + 1 == total:
+            tqdm.write(f"{name} step {step + 1}/{total} "
+                       + " ".join(f"{k} {v:.4f}" for k, v in logs.items()))
+
+
+# -----------------------------------------------------------------------------
+# the exit rules on the tables, as cee.sweep reads them on every head's logits
+
+
+def exits(name, param, tables, p=None):
+    """Each token's exit layer (N,) under a rule, from the tables (and the policy's p (N, L))."""
+    L = tables.preds.size(1)
+    stop = {"consistentee": lambda: p > param, "maxprob": lambda: tables.top > param,
+            "entropy": lambda: tables.entropy < param,
+            "static": lambda: (torch.arange(1, L + 1) >= param).expand(len(tables.preds), L)}
+    return cee.first_layer(stop[name]())
+
+
+def sweep(name, params, tables, p=None, **keys):
+    """cee.point of a rule at each of its params; accuracy is the agreement with full depth."""
+    full = tables.preds[:, -1]
+    return [{**cee.point(name, v, exits(name, v, tables, p), tables.preds, full), **keys}
+            for v in params]
+
+
+@torch.no_grad()
+def policy_probs(model, z):
+    """cee.policy_probs of the standardized states z (N, L, C), in chunks."""
+    return torch.cat([cee.policy_probs(model, x, None) for x in z.split(4096)])
+
+
+def agreement_by_layer(tables):
+    """The share of tokens whose head at each layer says what the full depth does: (L,)."""
+    return (tables.preds == tables.preds[:, -1:]).float().mean(0)
+
+
+def oracle_speedup(tables):
+    L = tables.preds.size(1)
+    return L / cee.first_agreeing_layer(tables.preds, tables.preds[:, -1]).float().mean().item()
+
+
+def policy_weights(model):
+    return {k: v.clone() for k, v in model.policies.state_dict().items()}
+
+
+def start_deep(policies, L):
+    """Policies that exit at each layer with probability 1/L whatever the state: a token then
+    reaches every layer often enough for its policy to learn there. (At p = 1/2 it reaches layer
+    l with probability 2^-(l-1): the deep layers of a 30-layer model would never learn.)"""
+    with torch.no_grad():
+        for pi in policies:
+            pi.net[2].weight.zero_()
+            pi.net[2].bias.fill_(-math.log(L - 1))
+
+
+def policy_grid(model, z, tables, cfg):
+    """
+    Stage 2 for every reward and every alpha of --alphas, fresh policies each time; each swept
+    over the threshold on the validation tokens. Leaves in model.policies those of cfg.reward
+    picked on validation: the fastest alpha and threshold whose tokens agree with full depth at
+    least --llm_agreement of the time (the most agreeing one if none does).
+    Returns (alpha, threshold, the grid: a list of {reward, alpha, policies, validation points}).
+    """
+    L = model.config.n_layer
+    thresholds = cee.grids(L, model.n_out, cfg.threshold)["consistentee"]
+    init = policy_weights(model)
+    grid, ours = [], []
+    for reward in cee.REWARDS:
+        for alpha in [float(a) for a in cfg.alphas.split(",")]:
+            model.policies.load_state_dict(init)
+            run_stage(model, 2, None, z["train"], tables["train"], alpha,
+                      replace(cfg, reward=reward), f"stage 2 {reward} alpha {alpha}")
+            points = sweep("consistentee", thresholds, tables["validation"],
+                           policy_probs(model, z["validation"]), alpha=alpha, reward=reward)
+            best = cee.pick(points, 1.0, tol=1 - cfg.llm_agreement)
+            log(f"reward {reward} alpha {alpha}: on validation, {best['speedup']:.2f}x with "
+                f"{best['agreement']:.3f} agreement (threshold {best['param']})")
+            grid.append({"reward": reward, "alpha": alpha, "validation": points,
+                         "policies": policy_weights(model)})
+            if reward == cfg.reward:
+                ours += [{**m, "cell": len(grid) - 1} for m in points]
+    chosen = cee.pick(ours, 1.0, tol=1 - cfg.llm_agreement)
+    model.policies.load_state_dict(grid[chosen["cell"]]["policies"])
+    log(f"picked on validation: reward {cfg.reward} alpha {chosen['alpha']} threshold "
+        f"{chosen['param']}: {chosen['speedup']:.2f}x with {chosen['agreement']:.3f} agreement")
+    return chosen["alpha"], chosen["param"], grid
+
+
+@torch.no_grad()
+def generation_defaults(model, enc, texts, threshold, scale, cfg):
+    """
+    What generate.py and bench.py take from the checkpoint: deferred fill (state copying puts a
+    state of layer l, whose few massive features differ from deeper layers', into their keys and
+    values: on 12 validation prompts at threshold 0.3, 0.60 of the tokens were full depth's with
+    state copying, 0.88 with deferred fill), and
+    the lowest threshold, from the one picked by teacher forcing up, at which greedy replies to
+    the validation prompts are full depth's tokens at least --llm_agreement of the time.
+    """
+    import generate
+    stop = enc.encode_single_token("<|im_end|>")
+    policies, model.policies = model.policies, fold_policies(model.policies, *scale)  # raw states
+    tried = {}
+    grid = cee.grids(model.config.n_layer, model.n_out, threshold)["consistentee"]
+    for t in [x for x in grid if x >= threshold]:
+        agree, n = 0.0, 0
+        for text in texts:
+            idx = encode_chat(enc, text, model.wte.weight.device)
+            new, _ = generate.generate(model, idx, cfg.llm_new_tokens, "policy", t, kv="defer",
+                                       stop=stop)
+            agree += generate.agreement_with_full(model, idx, new) * new.size(1)
+            n += new.size(1)
+        tried[t] = agree / n
+        log(f"generating the validation replies at threshold {t}: {tried[t]:.3f} of the tokens "
+            "are full depth's")
+        if tried[t] >= cfg.llm_agreement:
+            break
+    model.policies = policies
+    return {"threshold": t, "kv": "defer", "validation_agreement": tried}
+
+
+# -----------------------------------------------------------------------------
+# main: the three stages, then the test report
+
+
+def checkpoint(model, stage, cfg, gguf, alpha, scale, **extra):
+    """Adapters and policies only (the backbone is the GGUF's; the policies folded with scale, the
+    standardizer, to read raw states), and how to rebuild the model."""
+    state = {f"adapters.{k}": v for k, v in model.adapters.state_dict().items()}
+    folded = fold_policies(model.policies, *scale)
+    state |= {f"policies.{k}": v for k, v in folded.state_dict().items()}
+    return {"model": state, "model_config": asdict(model.config), "gguf": os.path.abspath(gguf),
+            "config": asdict(cfg), "stage": stage, "alpha": alpha, "memorized": None, **extra}
+
+
+def save(model, stage, cfg, gguf, scale, alpha=0.0, **extra):
+    path = os.path.join(cfg.out_dir, f"stage{stage}.pt")
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    torch.save(checkpoint(model, stage, cfg, gguf, alpha, scale, **extra), path + ".tmp")
+    os.replace(path + ".tmp", path)  # a killed run never spoils the previous file
+
+
+def main(cfg):
+    t0, seconds = time.time(), {}
+    gguf = data.smollm2_path() if cfg.init == "smollm2" else cfg.init
+    try:
+        model = Decoder.from_pretrained(gguf, exit_adapters=True).to(cfg.device).eval()
+        enc = tokenizer.gguf_tokenizer(gguf)
+        enc.encode_single_token("<|im_end|>")
+    except (OSError, ValueError, KeyError) as e:
+        raise SystemExit(f"{PROG}: cannot use {gguf} for --task=smollm2: {e}") from None
+    model.requires_grad_(False)
+    model.policies.requires_grad_(True)
+    model.adapters.requires_grad_(True)
+    L = model.config.n_layer
+    split = prompts(cfg.llm_train, cfg.llm_validation, cfg.llm_test, cfg.seed)
+    log(f"task smollm2: prompts train {cfg.llm_train}, validation {cfg.llm_validation}, "
+        f"test {cfg.llm_test}; replies of at most {cfg.llm_new_tokens} tokens")
+    pairs = cached_replies(model, enc, split, gguf, cfg)
+    s = {k: reply_states(model, v) for k, v in pairs.items()}
+    seconds["replies"] = time.time() - t0
+    log("tokens: " + ", ".join(f"{k} {len(v)}" for k, v in s.items()))
+
+    t = time.time()  # stage 1: the adapters, in closed form
+    plain = head_tables(model, s["test"])  # the heads before: the final norm and head as they are
+    cee.fit_exit_adapters(model, s["train"].transpose(0, 1))
+    tables = {k: head_tables(model, v) for k, v in s.items()}
+    seconds["stage1"] = time.time() - t
+    for name, tb in (("plain heads", plain), ("adapters", tables["test"])):
+        agree = " ".join(f"{a:.2f}" for a in agreement_by_layer(tb).tolist())
+        log(f"{name}: agreement with full depth by layer (test) {agree}; "
+            f"oracle speed-up {oracle_speedup(tb):.2f}x")
+    memorized = tables["train"].memorized()
+    scale = standardizer(s["train"])
+    z = {k: (v - scale[0]) / scale[1] for k, v in s.items()}  # what the policies read
+    log("memorized layer of the training tokens: "
+        + " ".join(f"{l}:{(memorized == l).float().mean():.2f}" for l in range(1, L + 1)))
+
+    t = time.time()  # stage 2: a set of policies per reward and alpha, one picked on validation
+    start_deep(model.policies, L)
+    alpha, threshold, grid = policy_grid(model, z, tables, cfg)
+    seconds["stage2"] = time.time() - t
+    save(model, 2, cfg, gguf, scale, alpha, threshold=threshold, grid=grid)
+
+    t = time.time()  # stage 3: adapters at the exits taken, and the policies
+    run_stage(model, 3, s["train"], z["train"], tables["train"], alpha, cfg, "stage 3")
+    seconds["stage3"] = time.time() - t
+
+    t = time.time()  # the threshold for generation, picked generating replies to validation prompts
+    gen = generation_defaults(model, enc, split["validation"], threshold, scale, cfg)
+    seconds["generation_threshold"] = time.time() - t
+    save(model, 3, cfg, gguf, scale, alpha, threshold=threshold, generate=gen)
+
+    t = time.time()
+    out = evaluate(model, grid, tables["test"], head_tables(model, s["test"]), z["test"], plain,
+                   alpha, replace(cfg, threshold=threshold))
+    seconds["eval"] = time.time() - t
+    out["seconds"], out["generation"] = seconds, gen
+    path = os.path.join(cfg.out_dir, "report.json")
+    with open(path + ".tmp", "w") as f:
+        json.dump(out, f, indent=1)
+    os.replace(path + ".tmp", path)
+    report.print_table(out)
+    print("agreement with full depth by layer (test): plain heads "
+          + " ".join(f"{a:.2f}" for a in out["agreement_by_layer"]["plain"]) + "; after stage 1 "
+          + " ".join(f"{a:.2f}" for a in out["agreement_by_layer"]["stage1"]) + "; after stage 3 "
+          + " ".join(f"{a:.2f}" for a in out["agreement_by_layer"]["stage3"]))
+    print("oracle speed-up (test): " + ", ".join(f"{k} {v:.2f}x" for k, v in out["oracle"].items()))
+    report.plot(out, os.path.join(cfg.out_dir, "tradeoff.png"))
+    log(f"wrote {cfg.out_dir}/stage3.pt (adapters and policies, {gguf}) and report.json in "
+        f"{time.time() - t0:.0f} s")
+
+
+def evaluate(model, grid, t1, t3, z3, plain, alpha, cfg):
+    """
+    The report on the test prompts' tokens, in train.py's format: the baselines on the stage-1
+    heads t1, every stage-2 policy of the grid (on t1), stage 3's policies on its heads t3; the
+    agreement of every head with full depth, the oracle; paired intervals against the baselines.
+    """
+    L = t1.preds.size(1)
+    g = cee.grids(L, model.n_out, cfg.threshold)
+    methods, answers = [], {}  # answers: id of a point -> which tokens it answers as full depth
+
+    def add(name, params, tables, p=None, **keys):
+        for m in sweep(name, params, tables, p, **keys):
+            e = exits(name, m["param"], tables, p)
+            answers[id(m)] = tables.preds.gather(1, (e - 1)[:, None])[:, 0] == tables.preds[:, -1]
+            methods.append(m)
+        return methods[-len(params):]
+
+    for name in ("static", "entropy", "maxprob"):
+        add(name, g[name], t1)
+    policies = policy_weights(model)
+    for cell in grid:
+        model.policies.load_state_dict(cell["policies"])
+        add("consistentee", g["consistentee"], t1, policy_probs(model, z3), alpha=cell["alpha"],
+            reward=cell["reward"], stage=2)
+    model.policies.load_state_dict(policies)
+    p3 = policy_probs(model, z3)
+    ours = add("consistentee", g["consistentee"], t3, p3, alpha=alpha, reward=cfg.reward, stage=3)
+    operating = next(m for m in ours if m["param"] == cfg.threshold)
+    return {"full": {"accuracy": 1.0, "layers": L}, "methods": methods,
+            "config": asdict(cfg), "final_full_depth_accuracy": 1.0, "tokens": len(z3),
+            "picked": {"alpha": alpha, "reward": cfg.reward, "threshold": cfg.threshold},
+            "best_speedup": cee.best_speedups(report.groups(methods), 1.0),
+            "exit_by_memorized_layer": {
+                **report.exits_by_memorized(t1.memorized(), exits("consistentee", cfg.threshold,
+                                                                  t3, p3), L),
+                "threshold": cfg.threshold, "target": "full"},
+            "versus_baselines": report.versus_baselines(methods, lambda m: answers[id(m)],
+                                                        operating, 1.0),
+            "agreement_by_layer": {k: agreement_by_layer(v).tolist()
+                                   for k, v in (("plain", plain), ("stage1", t1), ("stage3", t3))},
+            "oracle": {k: oracle_speedup(v)
+                       for k, v in (("plain", plain), ("stage1", t1), ("stage3", t3))}}
