@@ -35,20 +35,41 @@ from parallel import log
 
 PROG = "train.py"
 
-# what the prompts ask of each Rotten Tomatoes sentence, in turn
-TEMPLATES = ("Summarize this movie review in one sentence:\n{}",
-             "Is this movie review positive or negative? Say why.\n{}",
-             "Write a short reply to this movie review:\n{}",
-             "Continue this movie review with two more sentences:\n{}")
+# Chat prompts of two kinds, in turn: everyday requests (a template and a topic), and requests
+# about a Rotten Tomatoes sentence (real text), so that the exits learn from varied replies
+REQUESTS = ("Give me three tips for {}.", "Explain {} in simple words.",
+            "Write a short story about {}.", "What are the pros and cons of {}?",
+            "Write a short poem about {}.", "Describe {} in a few sentences.")
+TOPICS = ("learning a new language", "cooking rice", "saving money", "a rainy day", "the ocean",
+          "running a marathon", "growing tomatoes", "public speaking", "the history of bicycles",
+          "working from home", "a trip to the mountains", "photosynthesis", "time management",
+          "a lost cat", "electric cars", "making friends", "the moon", "recycling",
+          "job interviews", "a birthday party", "studying for exams", "coffee", "the internet",
+          "a small village", "playing the guitar", "volcanoes", "a healthy breakfast", "winter",
+          "a robot", "reading books", "traveling by train", "dinosaurs", "climate change",
+          "writing an email", "chess", "a busy city", "yoga", "the solar system", "baking bread",
+          "a first day at school", "friendship", "social media", "camping", "painting",
+          "the stock market", "honey bees", "a long flight", "music")
+ABOUT_A_REVIEW = ("Summarize this movie review in one sentence:\n{}",
+                  "Is this movie review positive or negative? Say why.\n{}",
+                  "Write a short reply to this movie review:\n{}",
+                  "Continue this movie review with two more sentences:\n{}")
 
 
 def prompts(n_train, n_val, n_test, seed):
-    """Chat prompts from real text: Rotten Tomatoes sentences, shuffled by seed, each in one of the
-    TEMPLATES; {"train", "validation", "test"} lists of disjoint prompts."""
+    """Chat prompts, everyday requests and requests about Rotten Tomatoes sentences in turn, each
+    kind shuffled by seed; {"train", "validation", "test"} lists of disjoint prompts."""
+    g = torch.Generator().manual_seed(seed)
+    everyday = [r.format(t) for t in TOPICS for r in REQUESTS]
+    everyday = [everyday[i] for i in torch.randperm(len(everyday), generator=g).tolist()]
     texts = data.movie_reviews("rotten_tomatoes")[0]
-    order = torch.randperm(len(texts), generator=torch.Generator().manual_seed(seed)).tolist()
-    chosen = [TEMPLATES[i % len(TEMPLATES)].format(texts[j])
-              for i, j in enumerate(order[:n_train + n_val + n_test])]
+    order = torch.randperm(len(texts), generator=g).tolist()
+    n = n_train + n_val + n_test
+    if (n + 1) // 2 > len(everyday):
+        raise ValueError(f"{n} prompts asked for; there are {2 * len(everyday)} at most")
+    chosen = [everyday[i // 2] if i % 2 == 0 else
+              ABOUT_A_REVIEW[i // 2 % len(ABOUT_A_REVIEW)].format(texts[order[i // 2]])
+              for i in range(n)]
     return {"train": chosen[:n_train], "validation": chosen[n_train:n_train + n_val],
             "test": chosen[n_train + n_val:]}
 
@@ -210,7 +231,8 @@ def exits(name, param, tables, p=None):
     L = tables.preds.size(1)
     stop = {"consistentee": lambda: p > param, "maxprob": lambda: tables.top > param,
             "entropy": lambda: tables.entropy < param,
-            "static": lambda: (torch.arange(1, L + 1) >= param).expand(len(tables.preds), L)}
+            "static": lambda: (torch.arange(1, L + 1, device=tables.preds.device) >= param)
+            .expand(len(tables.preds), L)}
     return cee.first_layer(stop[name]())
 
 
@@ -350,7 +372,10 @@ def main(cfg):
     model.policies.requires_grad_(True)
     model.adapters.requires_grad_(True)
     L = model.config.n_layer
-    split = prompts(cfg.llm_train, cfg.llm_validation, cfg.llm_test, cfg.seed)
+    try:
+        split = prompts(cfg.llm_train, cfg.llm_validation, cfg.llm_test, cfg.seed)
+    except ValueError as e:
+        raise SystemExit(f"{PROG}: --llm_train, --llm_validation and --llm_test: {e}") from None
     log(f"task smollm2: prompts train {cfg.llm_train}, validation {cfg.llm_validation}, "
         f"test {cfg.llm_test}; replies of at most {cfg.llm_new_tokens} tokens")
     pairs = cached_replies(model, enc, split, gguf, cfg)
@@ -377,7 +402,8 @@ def main(cfg):
     start_deep(model.policies, L)
     alpha, threshold, grid = policy_grid(model, z, tables, cfg)
     seconds["stage2"] = time.time() - t
-    save(model, 2, cfg, gguf, scale, alpha, threshold=threshold, grid=grid)
+    save(model, 2, cfg, gguf, scale, alpha, threshold=threshold, grid=grid,
+         generate={"threshold": threshold, "kv": "defer"})
 
     t = time.time()  # stage 3: adapters at the exits taken, and the policies
     run_stage(model, 3, s["train"], z["train"], tables["train"], alpha, cfg, "stage 3")

@@ -11,7 +11,7 @@ then evaluate ConsistentEE against the classic exit rules on the test split.
     python train.py                          # Rotten Tomatoes, all-MiniLM-L6-v2, 10.5 min, 2 cores
     python train.py --alphas=0.05 --stage=2  # rerun stage 2 (and 3) from out/stage1.pt, one alpha
     python train.py --task=lm                # a GPT-2 style decoder from scratch on IMDB, ~10 min
-    python train.py --task=smollm2           # exits for the frozen SmolLM2-135M (llm.py), ~20 min
+    python train.py --task=smollm2           # exits for the frozen SmolLM2-135M (llm.py), ~15 min
     python train.py --help                   # every option
 
 With --task=lm every token position is one input: its exit state is its hidden state, its label the
@@ -48,9 +48,10 @@ PROG = "train.py"
 @dataclass
 class TrainConfig:
     task: str = "rotten_tomatoes"  # rotten_tomatoes, imdb, a .csv/.json/.jsonl file with text and
-                                   # label columns; or lm (language modelling)
+                                   # label columns; lm (language modelling); or smollm2 (exits
+                                   # for the frozen SmolLM2-135M-Instruct, llm.py)
     init: str = "minilm"         # "minilm" (all-MiniLM-L6-v2) or a Hugging Face BERT folder;
-                                 # lm: "scratch" or a GPT-2 folder
+                                 # lm: "scratch" or a GPT-2 folder; smollm2: "smollm2" or a .gguf
     out_dir: str = "out"         # stage{1,2,3}.pt, control.pt, resume.pt, report.json, tradeoff.png
     seed: int = 1337             # the data split, the new weights and every random draw of training
     train_seed: int = 0          # added to seed for training's draws alone (shuffles, dropout,

@@ -50,6 +50,16 @@ def test_taken_exits_loss_is_the_dense_consistent_loss_where_heads_learn():
         torch.testing.assert_close(g, a.weight.grad)
 
 
+def test_prompts_are_disjoint_varied_and_seeded():
+    p = llm.prompts(240, 32, 40, 1337)
+    assert [len(p[k]) for k in ("train", "validation", "test")] == [240, 32, 40]
+    assert len(set(p["train"] + p["validation"] + p["test"])) == 312
+    assert sum("movie review" in text for text in p["test"]) == 20  # half of them, in turn
+    assert llm.prompts(240, 32, 40, 1337) == p and llm.prompts(240, 32, 40, 1) != p
+    with pytest.raises(ValueError, match="577 prompts asked for; there are 576 at most"):
+        llm.prompts(500, 40, 37, 0)
+
+
 def test_first_layer_and_point_by_hand():
     stop = torch.tensor([[False, True, True], [False, False, False], [True, False, False]])
     assert cee.first_layer(stop).tolist() == [2, 3, 1]
@@ -128,7 +138,8 @@ def run(*args):
 
 def test_smollm2_pipeline_end_to_end(tmp_path):
     """train.py --task=smollm2 on a few prompts writes a checkpoint of adapters and policies and a
-    report; generate.py chats with it, and speculative decoding there is full depth's greedy."""
+    report; generate.py chats with it, and speculative decoding there is full depth's greedy;
+    bench.py measures it."""
     out = str(tmp_path / "sm")
     r = run("train.py", "--task=smollm2", "--llm_train=6", "--llm_validation=2", "--llm_test=2",
             "--llm_new_tokens=8", "--alphas=0.02", "--epochs2=2", f"--out_dir={out}")
@@ -146,6 +157,11 @@ def test_smollm2_pipeline_end_to_end(tmp_path):
         texts[exit] = json.loads(r.stdout)
     assert texts["speculative"]["text"] == texts["none"]["text"]
     assert 1 <= texts["policy"]["mean_exit_layer"] <= 30
+    import bench  # its figures on the run's test prompts
+    b = bench.smollm2_exits(f"{out}/stage3.pt", "cpu", 1, bench.timer("cpu"), new_tokens=8)
+    assert b["smollm2_speculative_identical"] is True
+    assert 0 <= b["smollm2_policy_agreement"] <= 1 and b["smollm2_oracle_speedup"] >= 1
+    assert b["smollm2_policy_exit_speedup"] > 0 and b["smollm2_speculative_speedup"] > 0
     r = run("train.py", "--task=smollm2", "--stage=2", f"--out_dir={out}")
     assert r.returncode != 0 and r.stderr.strip().splitlines() == [
         "train.py: --task=smollm2 runs its three stages in one process (--stage, --resume and "
