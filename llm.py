@@ -279,7 +279,8 @@ def policy_grid(model, z, tables, cfg):
     over the threshold on the validation tokens. Leaves in model.policies those of cfg.reward
     picked on validation: the fastest alpha and threshold whose tokens agree with full depth at
     least --llm_agreement of the time (the most agreeing one if none does).
-    Returns (alpha, threshold, the grid: a list of {reward, alpha, policies, validation points}).
+    Returns (alpha, threshold, the grid: a list of {reward, alpha, policies, validation points};
+    its policies read standardized states, as in training: fold_policies before generating).
     """
     L = model.config.n_layer
     thresholds = cee.grids(L, model.n_out, cfg.threshold)["consistentee"]
@@ -361,12 +362,13 @@ def save(model, stage, cfg, gguf, scale, alpha=0.0, **extra):
 
 def main(cfg):
     t0, seconds = time.time(), {}
-    gguf = data.smollm2_path() if cfg.init == "smollm2" else cfg.init
+    gguf = cfg.init
     try:
+        gguf = data.smollm2_path() if cfg.init == "smollm2" else cfg.init
         model = Decoder.from_pretrained(gguf, exit_adapters=True).to(cfg.device).eval()
         enc = tokenizer.gguf_tokenizer(gguf)
         enc.encode_single_token("<|im_end|>")
-    except (OSError, ValueError, KeyError) as e:
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
         raise SystemExit(f"{PROG}: cannot use {gguf} for --task=smollm2: {e}") from None
     model.requires_grad_(False)
     model.policies.requires_grad_(True)
@@ -374,8 +376,8 @@ def main(cfg):
     L = model.config.n_layer
     try:
         split = prompts(cfg.llm_train, cfg.llm_validation, cfg.llm_test, cfg.seed)
-    except ValueError as e:
-        raise SystemExit(f"{PROG}: --llm_train, --llm_validation and --llm_test: {e}") from None
+    except (ValueError, RuntimeError) as e:  # too many prompts, or the texts could not be fetched
+        raise SystemExit(f"{PROG}: the prompts: {e}") from None
     log(f"task smollm2: prompts train {cfg.llm_train}, validation {cfg.llm_validation}, "
         f"test {cfg.llm_test}; replies of at most {cfg.llm_new_tokens} tokens")
     pairs = cached_replies(model, enc, split, gguf, cfg)
