@@ -93,6 +93,11 @@ def first_layer(stop):
     return stop.int().argmax(1) + 1
 
 
+def policy_weights(model):
+    """A copy of the exit policies' weights, to start from or come back to."""
+    return {k: v.clone() for k, v in model.policies.state_dict().items()}
+
+
 def policy_probs(model, s, logits):
     """p (B, L): each layer's exit probability from its policy; the last layer always exits
     (p_L = 1). logits may be None when the policy reads the states alone (no policy_conf)."""

@@ -259,10 +259,6 @@ def oracle_speedup(tables):
     return L / cee.first_agreeing_layer(tables.preds, tables.preds[:, -1]).float().mean().item()
 
 
-def policy_weights(model):
-    return {k: v.clone() for k, v in model.policies.state_dict().items()}
-
-
 def start_deep(policies, L):
     """Policies that exit at each layer with probability 1/L whatever the state: a token then
     reaches every layer often enough for its policy to learn there. (At p = 1/2 it reaches layer
@@ -284,7 +280,7 @@ def policy_grid(model, z, tables, cfg):
     """
     L = model.config.n_layer
     thresholds = cee.grids(L, model.n_out, cfg.threshold)["consistentee"]
-    init = policy_weights(model)
+    init = cee.policy_weights(model)
     grid, ours = [], []
     for reward in cee.REWARDS:
         for alpha in [float(a) for a in cfg.alphas.split(",")]:
@@ -297,7 +293,7 @@ def policy_grid(model, z, tables, cfg):
             log(f"reward {reward} alpha {alpha}: on validation, {best['speedup']:.2f}x with "
                 f"{best['agreement']:.3f} agreement (threshold {best['param']})")
             grid.append({"reward": reward, "alpha": alpha, "validation": points,
-                         "policies": policy_weights(model)})
+                         "policies": cee.policy_weights(model)})
             if reward == cfg.reward:
                 ours += [{**m, "cell": len(grid) - 1} for m in points]
     chosen = cee.pick(ours, 1.0, tol=1 - cfg.llm_agreement)
@@ -455,7 +451,7 @@ def evaluate(model, grid, t1, t3, z3, plain, alpha, cfg):
 
     for name in ("static", "entropy", "maxprob"):
         add(name, g[name], t1)
-    policies = policy_weights(model)
+    policies = cee.policy_weights(model)
     for cell in grid:
         model.policies.load_state_dict(cell["policies"])
         add("consistentee", g["consistentee"], t1, policy_probs(model, z3), alpha=cell["alpha"],

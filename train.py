@@ -48,8 +48,8 @@ PROG = "train.py"
 @dataclass
 class TrainConfig:
     task: str = "rotten_tomatoes"  # rotten_tomatoes, imdb, a .csv/.json/.jsonl file with text and
-                                   # label columns; lm (language modelling); or smollm2 (exits
-                                   # for the frozen SmolLM2-135M-Instruct, llm.py)
+                                   # label columns; lm (language modelling); smollm2: exits for
+                                   # the frozen SmolLM2-135M-Instruct, see llm.py
     init: str = "minilm"         # "minilm" (all-MiniLM-L6-v2) or a Hugging Face BERT folder;
                                  # lm: "scratch" or a GPT-2 folder; smollm2: "smollm2" or a .gguf
     out_dir: str = "out"         # stage{1,2,3}.pt, control.pt, resume.pt, report.json, tradeoff.png
@@ -449,7 +449,7 @@ def policy_grid(model, task, memorized, train_pass, cfg):
     the test split).
     Returns (the picked alpha, the grid: a list of {reward, alpha, policies, validation points}).
     """
-    init = policy_weights(model)
+    init = cee.policy_weights(model)
     s_val, logits_val, y_val = gathered_layers(task, model, task.splits["validation"], cfg)
     full_val = (logits_val[:, -1].argmax(-1) == y_val).float().mean().item()
     logits, labels = train_pass[1:]
@@ -469,7 +469,7 @@ def policy_grid(model, task, memorized, train_pass, cfg):
                 p = cee.policy_probs(model, s_val, logits_val)  # (B, L)
             points = cee.sweep("consistentee", thresholds, logits_val, y_val, p)
             grid.append({"reward": reward, "alpha": alpha, "validation": points,
-                         "policies": policy_weights(model)})
+                         "policies": cee.policy_weights(model)})
             at = next(m for m in points if m["param"] == cfg.threshold)
             log(f"reward {reward} alpha {alpha}: validation {at['accuracy']:.3f} at "
                 f"{at['avg_layers']:.2f} layers (threshold {cfg.threshold}; "
@@ -488,11 +488,6 @@ def policy_grid(model, task, memorized, train_pass, cfg):
         f"{chosen['accuracy']:.3f} at {chosen['avg_layers']:.2f} layers "
         f"(threshold {cfg.threshold})")
     return alpha, grid
-
-
-def policy_weights(model):
-    """A copy of the exit policies' weights, to start from or come back to."""
-    return {k: v.clone() for k, v in model.policies.state_dict().items()}
 
 
 def control(task, memorized, alpha, policies, cfg):
