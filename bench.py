@@ -266,7 +266,7 @@ def smollm2_exits(ckpt, device, repeats, now, new_tokens=32):
     if "gguf" not in state:
         raise SystemExit(f"{PROG}: {ckpt} is not a checkpoint of train.py --task=smollm2")
     model, saved = model.eval(), state["config"]
-    test = llm.prompts(saved["llm_train"], saved["llm_validation"], saved["llm_test"],
+    test = data.chat_prompts(saved["llm_train"], saved["llm_validation"], saved["llm_test"],
                        saved["seed"])["test"]
     enc = tokenizer.gguf_tokenizer(state["gguf"])
     stop = enc.encode_single_token("<|im_end|>")

@@ -8,13 +8,11 @@ ConsistentEE (Zeng et al., AAAI 2024, arXiv 2312.11882): the method, from losses
 - ExitRule: when to stop at inference; the learned policy, and the classic rules on the same model:
   a fixed layer, entropy (DeeBERT, Xin et al. 2020), patience (PABEE), max probability.
 - early_exit: batched inference that runs one layer at a time and drops the rows that exited.
-- exit_layers, sweep: the same rules applied to every layer's precomputed outputs, for cheap sweeps;
-  grids, best_speedups, front, pick, matched, paired_bootstrap, rank_correlation: how the sweeps are
-  set and read, and how sure a difference is.
+- exit_layers: the same rules applied to every layer's precomputed outputs, for cheap sweeps.
 The policy-gradient maths is in rl.py, the backbones and the policy network in model.py, the
-training loop in train.py.
+training loop in train.py; how sweeps are read and compared (report.py) and the frozen LLM's
+helpers (llm.py) live elsewhere.
 """
-import math
 from dataclasses import dataclass
 
 import torch
@@ -54,43 +52,6 @@ def memorized_layer(preds, labels):
     layers = torch.arange(1, L + 1, device=preds.device)  # (L,)
     last_wrong = (wrong * layers).max(1).values  # (B,) deepest wrong head, 0 if none
     return (last_wrong + 1).clamp(max=L)
-
-
-@torch.no_grad()
-def fit_exit_adapters(model, states, ridge=1e-2):
-    """
-    Stage 1 for a frozen language model: each layer's adapter (A_l, b_l) fitted in closed form,
-    least squares with a small ridge, so that A_l s_l + b_l comes as close as it can to the last
-    layer's state s_L of the same token; the exit head of layer l, head(norm(A_l s_l + b_l)),
-    then says what the whole model would. states (L, N, C): every layer's output at N tokens.
-    """
-    L, N, C = states.shape
-    target = states[-1].double()  # (N, C)
-    for l, adapter in enumerate(model.adapters):
-        x = torch.cat([states[l], states.new_ones(N, 1)], 1).double()  # (N, C + 1)
-        eye = torch.eye(C + 1, dtype=torch.double, device=x.device)
-        w = torch.linalg.solve(x.T @ x + ridge * eye, x.T @ target)  # (C + 1, C)
-        adapter.weight.copy_(w[:C].T)
-        adapter.bias.copy_(w[C])
-
-
-def first_agreeing_layer(preds, full):
-    """
-    Each input's first layer whose exit head predicts what the full depth does: where an oracle
-    that knew the full model's answer would exit. preds (N, L), full (N,) -> (N,) in 1..L.
-    Example: full [3, 3], preds [[1, 3, 3], [3, 1, 3]] -> [2, 1]
-    """
-    return first_layer(preds == full[:, None])
-
-
-def first_layer(stop):
-    """
-    Each row's first layer whose column is True, L when none is: stop (N, L) bool -> (N,) in 1..L.
-    Example: [[False, True, True], [False, False, False]] -> [2, 3]
-    """
-    stop = stop.clone()
-    stop[:, -1] = True  # the last layer always exits
-    return stop.int().argmax(1) + 1
 
 
 def policy_weights(model):
@@ -175,23 +136,6 @@ def policy_gradient(model, s, logits, gain, memorized, alpha, K=8, estimator="re
     layers = torch.arange(1, L + 1, device=p.device)  # (L,)
     logs = {"loss/policy": policy_loss.item(), "exit/mean": (share * layers).sum(1).mean().item()}
     return policy_loss, share, logs
-
-
-def taken_exits_loss(model, s, share, labels):
-    """
-    The consistent loss (share * CE).sum(1).mean() of stage 3, for a language model whose heads
-    are too costly to run at every layer (a 49,152-token head costs as much as 8 of SmolLM2's
-    layers): each head runs only on the inputs that exit at its layer, and only where it can learn
-    (a layer with an adapter; the last layer's head is the frozen model's own).
-    s (B, L, C) exit states, share (B, L) from policy_gradient, labels (B,) -> scalar.
-    """
-    loss = s.new_zeros(())
-    rows, layers = share[:, :len(model.adapters)].nonzero(as_tuple=True)
-    for l in layers.unique().tolist():
-        i = rows[layers == l]  # the inputs that exit at layer l + 1
-        ce = F.cross_entropy(model.exit_logits(s[i, l], l), labels[i], reduction="none")
-        loss = loss + (share[i, l] * ce).sum()
-    return loss / len(s)
 
 
 def reward_target(logits, labels, target):
@@ -336,105 +280,3 @@ def to_device(t, device):
     return None if t is None else t.to(device, non_blocking=True)
 
 
-def sweep(name, params, logits, labels, p=None):
-    """
-    Accuracy and mean exit layer of one rule at each of its params, from precomputed layer
-    outputs, and the agreement with the model's own full-depth prediction (for a language model:
-    would greedy decoding at full depth have picked the same token?).
-    logits (B, L, n), labels (B,), p (B, L)
-    -> [{"name", "param", "accuracy", "agreement", "avg_layers", "speedup"}]
-    """
-    preds = logits.argmax(-1)  # (B, L) every head's answer
-    return [point(name, v, exit_layers(ExitRule(name, v), logits, p), preds, labels)
-            for v in params]
-
-
-def point(name, param, exits, preds, labels):
-    """One rule's figures at one knob value: exits (B,) in 1..L, preds (B, L) every head's answer,
-    labels (B,) -> {"name", "param", "accuracy", "agreement", "avg_layers", "speedup"}."""
-    answer = preds.gather(1, (exits - 1)[:, None])[:, 0]  # (B,) by the head each input exits at
-    avg = exits.float().mean().item()
-    return {"name": name, "param": param, "accuracy": (answer == labels).float().mean().item(),
-            "agreement": (answer == preds[:, -1]).float().mean().item(),
-            "avg_layers": avg, "speedup": preds.size(1) / avg}
-
-
-def grids(L, n_labels, threshold=0.5):
-    """The knob values swept for each rule (entropy in units of the uniform entropy log n); the
-    policy's thresholds include the run's own, so that its operating point is among them."""
-    frac = [0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]
-    thresholds = {0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, threshold}
-    return {"consistentee": sorted(thresholds),
-            "static": list(range(1, L + 1)), "patience": list(range(1, L)),
-            "entropy": [f * math.log(n_labels) for f in frac],
-            "maxprob": [1 - f * (1 - 1 / n_labels) for f in frac]}
-
-
-def best_speedups(methods, full_accuracy):
-    """Each method's best speed-up at no accuracy loss, within 1 point of full depth, and with at
-    least 90% of its answers the full-depth model's."""
-    out = {}
-    for name in dict.fromkeys(m["name"] for m in methods):
-        pts = [m for m in methods if m["name"] == name]
-        out[name] = {regime: max((m["speedup"] for m in pts
-                                  if m["accuracy"] >= full_accuracy - tol), default=None)
-                     for regime, tol in (("no_loss", 1e-9), ("within_1_point", 0.01))}
-        out[name]["agreement_0.9"] = max((m["speedup"] for m in pts if m["agreement"] >= 0.9),
-                                         default=None)
-    return out
-
-
-def front(points):
-    """
-    The points no other point beats on both speed-up and accuracy (the upper-left envelope of a
-    trade-off plot), fastest first.
-    Example, as (speedup, accuracy): (1, .9), (2, .8), (2, .7), (3, .85) -> (3, .85), (1, .9):
-    (2, .8) and (2, .7) are slower than (3, .85) and less accurate.
-    """
-    out = []
-    for m in sorted(points, key=lambda m: (-m["speedup"], -m["accuracy"])):
-        if not out or m["accuracy"] > out[-1]["accuracy"]:
-            out.append(m)
-    return out
-
-
-def pick(points, full_accuracy, tol=0.01):
-    """The fastest point within tol of full depth's accuracy; if there is none, the most
-    accurate."""
-    close = [m for m in points if m["accuracy"] >= full_accuracy - tol]
-    if close:
-        return max(close, key=lambda m: (m["speedup"], m["accuracy"]))
-    return max(points, key=lambda m: (m["accuracy"], m["speedup"]))
-
-
-def matched(point, others):
-    """The most accurate of others at least as fast as point (None if none is): the fair rival."""
-    faster = [m for m in others if m["speedup"] >= point["speedup"] - 1e-9]
-    return max(faster, key=lambda m: (m["accuracy"], m["speedup"]), default=None)
-
-
-def paired_bootstrap(a, b, n=2000, seed=0):
-    """
-    Accuracy of a minus accuracy of b on the same inputs, and its 95% interval over n resamplings of
-    the inputs (both methods see the same resampled inputs, so what they share cancels).
-    a, b (N,) bool, each input answered right -> (difference, low, high).
-    """
-    g = torch.Generator().manual_seed(seed)
-    d = a.float().cpu() - b.float().cpu()  # (N,)
-    i = torch.randint(0, len(d), (n, len(d)), generator=g)  # (n, N) resampled inputs
-    lo, hi = torch.quantile(d[i].mean(1), torch.tensor([0.025, 0.975])).tolist()
-    return d.mean().item(), lo, hi
-
-
-def rank_correlation(a, b):
-    """Spearman's rho: Pearson correlation of the ranks, ties given their mean rank."""
-    def ranks(x):
-        x = x.cpu().double()
-        r = torch.empty_like(x)
-        r[x.argsort()] = torch.arange(len(x), dtype=torch.double)
-        for v in x.unique():  # ties share the mean of their ranks
-            r[x == v] = r[x == v].mean()
-        return r
-    ra, rb = ranks(a), ranks(b)
-    ra, rb = ra - ra.mean(), rb - rb.mean()
-    return ((ra * rb).sum() / (ra.norm() * rb.norm()).clamp(min=1e-12)).item()

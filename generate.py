@@ -269,7 +269,8 @@ def until(new, stop):
 def agreement_with_full(model, idx, new):
     """Share of the new tokens that full-depth greedy decoding would pick after the same prefix."""
     seq = torch.cat([idx, new], 1)[:, :-1]
-    full = model(seq)[0][:, idx.size(1) - 1:].argmax(-1)  # (1, n) full depth's choice at each
+    logits, _ = model(seq)
+    full = logits[:, idx.size(1) - 1:].argmax(-1)  # (1, n) full depth's choice at each
     return (full == new).float().mean().item()
 
 

@@ -2,13 +2,13 @@
 ConsistentEE on a frozen pretrained LLM, SmolLM2-135M-Instruct: python train.py --task=smollm2.
 
 Its 135M weights never change; what learns is small and sits beside them:
-  1. an adapter per layer before the shared head (a linear map, cee.fit_exit_adapters), fitted in
+  1. an adapter per layer before the shared head (a linear map, fit_exit_adapters), fitted in
      closed form on every layer's states at the model's own greedy replies to chat prompts
   2. the exit policies, one set per depth penalty alpha (and reward), on those cached states;
      alpha and the threshold picked on the validation prompts (the fastest whose tokens are full
      depth's at least --llm_agreement of the time), and kept in the checkpoint
   3. adapters and policies together: the adapters learn only at the exits taken (the consistent
-     loss, cee.taken_exits_loss), plus the policy loss
+     loss, taken_exits_loss), plus the policy loss
 The reward and the memorized layer judge each head against the full depth's token (policy_target
 full): what generation is judged by. A head of 49,152 tokens at every layer would not fit (6 GB per
 1,000 tokens), so each head is read once per token and kept as a few numbers (HeadTables).
@@ -34,45 +34,6 @@ from model import Decoder, confidence
 from parallel import log
 
 PROG = "train.py"
-
-# Chat prompts of two kinds, in turn: everyday requests (a template and a topic), and requests
-# about a Rotten Tomatoes sentence (real text), so that the exits learn from varied replies
-REQUESTS = ("Give me three tips for {}.", "Explain {} in simple words.",
-            "Write a short story about {}.", "What are the pros and cons of {}?",
-            "Write a short poem about {}.", "Describe {} in a few sentences.")
-TOPICS = ("learning a new language", "cooking rice", "saving money", "a rainy day", "the ocean",
-          "running a marathon", "growing tomatoes", "public speaking", "the history of bicycles",
-          "working from home", "a trip to the mountains", "photosynthesis", "time management",
-          "a lost cat", "electric cars", "making friends", "the moon", "recycling",
-          "job interviews", "a birthday party", "studying for exams", "coffee", "the internet",
-          "a small village", "playing the guitar", "volcanoes", "a healthy breakfast", "winter",
-          "a robot", "reading books", "traveling by train", "dinosaurs", "climate change",
-          "writing an email", "chess", "a busy city", "yoga", "the solar system", "baking bread",
-          "a first day at school", "friendship", "social media", "camping", "painting",
-          "the stock market", "honey bees", "a long flight", "music")
-ABOUT_A_REVIEW = ("Summarize this movie review in one sentence:\n{}",
-                  "Is this movie review positive or negative? Say why.\n{}",
-                  "Write a short reply to this movie review:\n{}",
-                  "Continue this movie review with two more sentences:\n{}")
-
-
-def prompts(n_train, n_val, n_test, seed):
-    """Chat prompts, everyday requests and requests about Rotten Tomatoes sentences in turn, each
-    kind shuffled by seed; {"train", "validation", "test"} lists of disjoint prompts."""
-    g = torch.Generator().manual_seed(seed)
-    everyday = [r.format(t) for t in TOPICS for r in REQUESTS]
-    everyday = [everyday[i] for i in torch.randperm(len(everyday), generator=g).tolist()]
-    texts = data.movie_reviews("rotten_tomatoes")[0]
-    order = torch.randperm(len(texts), generator=g).tolist()
-    n = n_train + n_val + n_test
-    if (n + 1) // 2 > len(everyday):
-        raise ValueError(f"{n} prompts asked for; there are {2 * len(everyday)} at most")
-    chosen = [everyday[i // 2] if i % 2 == 0 else
-              ABOUT_A_REVIEW[i // 2 % len(ABOUT_A_REVIEW)].format(texts[order[i // 2]])
-              for i in range(n)]
-    return {"train": chosen[:n_train], "validation": chosen[n_train:n_train + n_val],
-            "test": chosen[n_train + n_val:]}
-
 
 def encode_chat(enc, text, device="cpu"):
     """A user's message in the chat template, as ids (1, T)."""
@@ -163,6 +124,24 @@ def head_tables(model, s, chunk=512):
     return HeadTables(t[..., 0].long(), t[..., 1], t[..., 2], t[..., 3])
 
 
+@torch.no_grad()
+def fit_exit_adapters(model, states, ridge=1e-2):
+    """
+    Stage 1 for a frozen language model: each layer's adapter (A_l, b_l) fitted in closed form,
+    least squares with a small ridge, so that A_l s_l + b_l comes as close as it can to the last
+    layer's state s_L of the same token; the exit head of layer l, head(norm(A_l s_l + b_l)),
+    then says what the whole model would. states (L, N, C): every layer's output at N tokens.
+    """
+    L, N, C = states.shape
+    target = states[-1].double()  # (N, C)
+    for l, adapter in enumerate(model.adapters):
+        x = torch.cat([states[l], states.new_ones(N, 1)], 1).double()  # (N, C + 1)
+        eye = torch.eye(C + 1, dtype=torch.double, device=x.device)
+        w = torch.linalg.solve(x.T @ x + ridge * eye, x.T @ target)  # (C + 1, C)
+        adapter.weight.copy_(w[:C].T)
+        adapter.bias.copy_(w[C])
+
+
 def standardizer(s):
     """Each layer's per-feature mean and standard deviation (L, C) over the tokens of s (N, L, C).
     SmolLM2's states hold a few features in the hundreds and most near 1 (massive activations): the
@@ -182,7 +161,24 @@ def fold_policies(policies, mean, std):
     return folded
 
 
-def run_stage(model, stage, s, z, tables, alpha, cfg, name):
+def taken_exits_loss(model, s, share, labels):
+    """
+    The consistent loss (share * CE).sum(1).mean() of stage 3, for a language model whose heads
+    are too costly to run at every layer (a 49,152-token head costs as much as 8 of SmolLM2's
+    layers): each head runs only on the inputs that exit at its layer, and only where it can learn
+    (a layer with an adapter; the last layer's head is the frozen model's own).
+    s (B, L, C) exit states, share (B, L) from policy_gradient, labels (B,) -> scalar.
+    """
+    loss = s.new_zeros(())
+    rows, layers = share[:, :len(model.adapters)].nonzero(as_tuple=True)
+    for l in layers.unique().tolist():
+        i = rows[layers == l]  # the inputs that exit at layer l + 1
+        ce = F.cross_entropy(model.exit_logits(s[i, l], l), labels[i], reduction="none")
+        loss = loss + (share[i, l] * ce).sum()
+    return loss / len(s)
+
+
+def stage_on_cache(model, stage, s, z, tables, alpha, cfg, name):
     """
     Stage 2 (the policies) or 3 (adapters and policies) on the cached states s (N, L, C), which
     the policies read standardized (z). The reward reads tables, the heads as they were when the
@@ -202,7 +198,7 @@ def run_stage(model, stage, s, z, tables, alpha, cfg, name):
     g = torch.Generator().manual_seed(cfg.seed + cfg.train_seed + stage)
     gain, memorized, target = tables.gain(cfg.reward), tables.memorized(), tables.preds[:, -1]
     batches = iter(())
-    for step in tqdm(range(total), desc=name, dynamic_ncols=True):
+    for step in tqdm(range(total), desc=name, dynamic_ncols=True, leave=stage == 3):
         i = next(batches, None)
         if i is None:  # a new epoch, shuffled
             batches = iter(torch.randperm(len(z), generator=g).split(cfg.batch_size))
@@ -210,7 +206,7 @@ def run_stage(model, stage, s, z, tables, alpha, cfg, name):
         loss, share, logs = cee.policy_gradient(model, z[i], None, gain[i], memorized[i], alpha,
                                                 cfg.K, cfg.estimator)
         if stage == 3:
-            consistent = cee.taken_exits_loss(model, s[i], share, target[i])
+            consistent = taken_exits_loss(model, s[i], share, target[i])
             loss, logs["loss/cls"] = loss + consistent, consistent.item()
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -218,33 +214,43 @@ def run_stage(model, stage, s, z, tables, alpha, cfg, name):
         opt.step()
         sched.step()
         if (step + 1) % cfg.log_interval == 0 or step + 1 == total:
-            tqdm.write(f"{name} step {step + 1}/{total} "
-                       + " ".join(f"{k} {v:.4f}" for k, v in logs.items()))
+            log(f"{name} step {step + 1}/{total} "
+                + " ".join(f"{k} {v:.4f}" for k, v in logs.items()), console=cfg.verbose)
 
 
 # -----------------------------------------------------------------------------
-# the exit rules on the tables, as cee.sweep reads them on every head's logits
+# the exit rules on the tables, as report.sweep reads them on every head's logits
 
 
-def exits(name, param, tables, p=None):
+def first_layer(stop):
+    """
+    Each row's first layer whose column is True, L when none is: stop (N, L) bool -> (N,) in 1..L.
+    Example: [[False, True, True], [False, False, False]] -> [2, 3]
+    """
+    stop = stop.clone()
+    stop[:, -1] = True  # the last layer always exits
+    return stop.int().argmax(1) + 1
+
+
+def table_exits(name, param, tables, p=None):
     """Each token's exit layer (N,) under a rule, from the tables (and the policy's p (N, L))."""
     L = tables.preds.size(1)
     stop = {"consistentee": lambda: p > param, "maxprob": lambda: tables.top > param,
             "entropy": lambda: tables.entropy < param,
             "static": lambda: (torch.arange(1, L + 1, device=tables.preds.device) >= param)
             .expand(len(tables.preds), L)}
-    return cee.first_layer(stop[name]())
+    return first_layer(stop[name]())
 
 
-def sweep(name, params, tables, p=None, **keys):
+def sweep_tables(name, params, tables, p=None, **keys):
     """cee.point of a rule at each of its params; accuracy is the agreement with full depth."""
     full = tables.preds[:, -1]
-    return [{**cee.point(name, v, exits(name, v, tables, p), tables.preds, full), **keys}
+    return [{**report.point(name, v, table_exits(name, v, tables, p), tables.preds, full), **keys}
             for v in params]
 
 
 @torch.no_grad()
-def policy_probs(model, z):
+def standardized_policy_probs(model, z):
     """cee.policy_probs of the standardized states z (N, L, C), in chunks."""
     return torch.cat([cee.policy_probs(model, x, None) for x in z.split(4096)])
 
@@ -254,9 +260,18 @@ def agreement_by_layer(tables):
     return (tables.preds == tables.preds[:, -1:]).float().mean(0)
 
 
+def first_agreeing_layer(preds, full):
+    """
+    Each input's first layer whose exit head predicts what the full depth does: where an oracle
+    that knew the full model's answer would exit. preds (N, L), full (N,) -> (N,) in 1..L.
+    Example: full [3, 3], preds [[1, 3, 3], [3, 1, 3]] -> [2, 1]
+    """
+    return first_layer(preds == full[:, None])
+
+
 def oracle_speedup(tables):
     L = tables.preds.size(1)
-    return L / cee.first_agreeing_layer(tables.preds, tables.preds[:, -1]).float().mean().item()
+    return L / first_agreeing_layer(tables.preds, tables.preds[:, -1]).float().mean().item()
 
 
 def start_deep(policies, L):
@@ -269,7 +284,7 @@ def start_deep(policies, L):
             pi.net[2].bias.fill_(-math.log(L - 1))
 
 
-def policy_grid(model, z, tables, cfg):
+def policy_grid_on_tables(model, z, tables, cfg):
     """
     Stage 2 for every reward and every alpha of --alphas, fresh policies each time; each swept
     over the threshold on the validation tokens. Leaves in model.policies those of cfg.reward
@@ -279,24 +294,25 @@ def policy_grid(model, z, tables, cfg):
     its policies read standardized states, as in training: fold_policies before generating).
     """
     L = model.config.n_layer
-    thresholds = cee.grids(L, model.n_out, cfg.threshold)["consistentee"]
+    thresholds = report.grids(L, model.n_out, cfg.threshold)["consistentee"]
     init = cee.policy_weights(model)
     grid, ours = [], []
     for reward in cee.REWARDS:
         for alpha in [float(a) for a in cfg.alphas.split(",")]:
             model.policies.load_state_dict(init)
-            run_stage(model, 2, None, z["train"], tables["train"], alpha,
+            stage_on_cache(model, 2, None, z["train"], tables["train"], alpha,
                       replace(cfg, reward=reward), f"stage 2 {reward} alpha {alpha}")
-            points = sweep("consistentee", thresholds, tables["validation"],
-                           policy_probs(model, z["validation"]), alpha=alpha, reward=reward)
-            best = cee.pick(points, 1.0, tol=1 - cfg.llm_agreement)
+            p = standardized_policy_probs(model, z["validation"])
+            points = sweep_tables("consistentee", thresholds, tables["validation"], p,
+                                  alpha=alpha, reward=reward)
+            best = report.pick(points, 1.0, tol=1 - cfg.llm_agreement)
             log(f"reward {reward} alpha {alpha}: on validation, {best['speedup']:.2f}x with "
                 f"{best['agreement']:.3f} agreement (threshold {best['param']})")
             grid.append({"reward": reward, "alpha": alpha, "validation": points,
                          "policies": cee.policy_weights(model)})
             if reward == cfg.reward:
                 ours += [{**m, "cell": len(grid) - 1} for m in points]
-    chosen = cee.pick(ours, 1.0, tol=1 - cfg.llm_agreement)
+    chosen = report.pick(ours, 1.0, tol=1 - cfg.llm_agreement)
     model.policies.load_state_dict(grid[chosen["cell"]]["policies"])
     log(f"picked on validation: reward {cfg.reward} alpha {chosen['alpha']} threshold "
         f"{chosen['param']}: {chosen['speedup']:.2f}x with {chosen['agreement']:.3f} agreement")
@@ -317,7 +333,7 @@ def generation_defaults(model, enc, texts, threshold, scale, cfg):
     stop = enc.encode_single_token("<|im_end|>")
     policies, model.policies = model.policies, fold_policies(model.policies, *scale)  # raw states
     tried = {}
-    grid = cee.grids(model.config.n_layer, model.n_out, threshold)["consistentee"]
+    grid = report.grids(model.config.n_layer, model.n_out, threshold)["consistentee"]
     for t in [x for x in grid if x >= threshold]:
         agree, n = 0.0, 0
         for text in texts:
@@ -339,7 +355,7 @@ def generation_defaults(model, enc, texts, threshold, scale, cfg):
 # main: the three stages, then the test report
 
 
-def checkpoint(model, stage, cfg, gguf, alpha, scale, **extra):
+def exits_checkpoint(model, stage, cfg, gguf, alpha, scale, **extra):
     """Adapters and policies only (the backbone is the GGUF's; the policies folded with scale, the
     standardizer, to read raw states), and how to rebuild the model."""
     state = {f"adapters.{k}": v for k, v in model.adapters.state_dict().items()}
@@ -349,14 +365,14 @@ def checkpoint(model, stage, cfg, gguf, alpha, scale, **extra):
             "config": asdict(cfg), "stage": stage, "alpha": alpha, "memorized": None, **extra}
 
 
-def save(model, stage, cfg, gguf, scale, alpha=0.0, **extra):
+def save_exits(model, stage, cfg, gguf, scale, alpha=0.0, **extra):
     path = os.path.join(cfg.out_dir, f"stage{stage}.pt")
     os.makedirs(cfg.out_dir, exist_ok=True)
-    torch.save(checkpoint(model, stage, cfg, gguf, alpha, scale, **extra), path + ".tmp")
+    torch.save(exits_checkpoint(model, stage, cfg, gguf, alpha, scale, **extra), path + ".tmp")
     os.replace(path + ".tmp", path)  # a killed run never spoils the previous file
 
 
-def main(cfg):
+def train_smollm2(cfg):
     t0, seconds = time.time(), {}
     gguf = cfg.init
     try:
@@ -371,7 +387,7 @@ def main(cfg):
     model.adapters.requires_grad_(True)
     L = model.config.n_layer
     try:
-        split = prompts(cfg.llm_train, cfg.llm_validation, cfg.llm_test, cfg.seed)
+        split = data.chat_prompts(cfg.llm_train, cfg.llm_validation, cfg.llm_test, cfg.seed)
     except (ValueError, RuntimeError) as e:  # too many prompts, or the texts could not be fetched
         raise SystemExit(f"{PROG}: the prompts: {e}") from None
     log(f"task smollm2: prompts train {cfg.llm_train}, validation {cfg.llm_validation}, "
@@ -383,7 +399,7 @@ def main(cfg):
 
     t = time.time()  # stage 1: the adapters, in closed form
     plain = head_tables(model, s["test"])  # the heads before: the final norm and head as they are
-    cee.fit_exit_adapters(model, s["train"].transpose(0, 1))
+    fit_exit_adapters(model, s["train"].transpose(0, 1))
     tables = {k: head_tables(model, v) for k, v in s.items()}
     seconds["stage1"] = time.time() - t
     for name, tb in (("plain heads", plain), ("adapters", tables["test"])):
@@ -398,23 +414,24 @@ def main(cfg):
 
     t = time.time()  # stage 2: a set of policies per reward and alpha, one picked on validation
     start_deep(model.policies, L)
-    alpha, threshold, grid = policy_grid(model, z, tables, cfg)
+    alpha, threshold, grid = policy_grid_on_tables(model, z, tables, cfg)
     seconds["stage2"] = time.time() - t
-    save(model, 2, cfg, gguf, scale, alpha, threshold=threshold, grid=grid,
+    save_exits(model, 2, cfg, gguf, scale, alpha, threshold=threshold, grid=grid,
          generate={"threshold": threshold, "kv": "defer"})
 
     t = time.time()  # stage 3: adapters at the exits taken, and the policies
-    run_stage(model, 3, s["train"], z["train"], tables["train"], alpha, cfg, "stage 3")
+    stage_on_cache(model, 3, s["train"], z["train"], tables["train"], alpha, cfg, "stage 3")
     seconds["stage3"] = time.time() - t
 
     t = time.time()  # the threshold for generation, picked generating replies to validation prompts
     gen = generation_defaults(model, enc, split["validation"], threshold, scale, cfg)
     seconds["generation_threshold"] = time.time() - t
-    save(model, 3, cfg, gguf, scale, alpha, threshold=threshold, generate=gen)
+    save_exits(model, 3, cfg, gguf, scale, alpha, threshold=threshold, generate=gen)
 
     t = time.time()
-    out = evaluate(model, grid, tables["test"], head_tables(model, s["test"]), z["test"], plain,
-                   alpha, replace(cfg, threshold=threshold))
+    t3 = head_tables(model, s["test"])  # the heads after stage 3
+    out = evaluate_tables(model, grid, tables["test"], t3, z["test"], plain, alpha,
+                          replace(cfg, threshold=threshold))
     seconds["eval"] = time.time() - t
     out["seconds"], out["generation"] = seconds, gen
     path = os.path.join(cfg.out_dir, "report.json")
@@ -432,19 +449,19 @@ def main(cfg):
         f"{time.time() - t0:.0f} s")
 
 
-def evaluate(model, grid, t1, t3, z3, plain, alpha, cfg):
+def evaluate_tables(model, grid, t1, t3, z3, plain, alpha, cfg):
     """
     The report on the test prompts' tokens, in train.py's format: the baselines on the stage-1
     heads t1, every stage-2 policy of the grid (on t1), stage 3's policies on its heads t3; the
     agreement of every head with full depth, the oracle; paired intervals against the baselines.
     """
     L = t1.preds.size(1)
-    g = cee.grids(L, model.n_out, cfg.threshold)
+    g = report.grids(L, model.n_out, cfg.threshold)
     methods, answers = [], {}  # answers: id of a point -> which tokens it answers as full depth
 
     def add(name, params, tables, p=None, **keys):
-        for m in sweep(name, params, tables, p, **keys):
-            e = exits(name, m["param"], tables, p)
+        for m in sweep_tables(name, params, tables, p, **keys):
+            e = table_exits(name, m["param"], tables, p)
             answers[id(m)] = tables.preds.gather(1, (e - 1)[:, None])[:, 0] == tables.preds[:, -1]
             methods.append(m)
         return methods[-len(params):]
@@ -454,19 +471,19 @@ def evaluate(model, grid, t1, t3, z3, plain, alpha, cfg):
     policies = cee.policy_weights(model)
     for cell in grid:
         model.policies.load_state_dict(cell["policies"])
-        add("consistentee", g["consistentee"], t1, policy_probs(model, z3), alpha=cell["alpha"],
-            reward=cell["reward"], stage=2)
+        add("consistentee", g["consistentee"], t1, standardized_policy_probs(model, z3),
+            alpha=cell["alpha"], reward=cell["reward"], stage=2)
     model.policies.load_state_dict(policies)
-    p3 = policy_probs(model, z3)
+    p3 = standardized_policy_probs(model, z3)
     ours = add("consistentee", g["consistentee"], t3, p3, alpha=alpha, reward=cfg.reward, stage=3)
     operating = next(m for m in ours if m["param"] == cfg.threshold)
+    e3 = table_exits("consistentee", cfg.threshold, t3, p3)
     return {"full": {"accuracy": 1.0, "layers": L}, "methods": methods,
             "config": asdict(cfg), "final_full_depth_accuracy": 1.0, "tokens": len(z3),
             "picked": {"alpha": alpha, "reward": cfg.reward, "threshold": cfg.threshold},
-            "best_speedup": cee.best_speedups(report.groups(methods), 1.0),
+            "best_speedup": report.best_speedups(report.groups(methods), 1.0),
             "exit_by_memorized_layer": {
-                **report.exits_by_memorized(t1.memorized(), exits("consistentee", cfg.threshold,
-                                                                  t3, p3), L),
+                **report.exits_by_memorized(t1.memorized(), e3, L),
                 "threshold": cfg.threshold, "target": "full"},
             "versus_baselines": report.versus_baselines(methods, lambda m: answers[id(m)],
                                                         operating, 1.0),

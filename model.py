@@ -1,5 +1,6 @@
 """
-The two backbones of cee, written so that early exit can stop after any layer.
+The models of cee: two backbones, written so that early exit can stop after any layer, and their
+exit policies.
 
 - Encoder: BERT (Devlin et al. 2019). Post-LayerNorm blocks, an exit head after every layer.
 - Decoder: GPT-2 (Radford et al. 2019), or the Llama family (Touvron et al. 2023; SmolLM2) by
@@ -10,14 +11,17 @@ The two backbones of cee, written so that early exit can stop after any layer.
   a layer's state and gives the probability of exiting there.
 
 Both backbones run one layer at a time (embed, then run_layer(l, ...) for l = 0..L-1), so an
-inference loop can stop any input after any layer. from_pretrained() loads pretrained weights
-(weights.py: Hugging Face folders, GGUF files).
+inference loop can stop any input after any layer. from_pretrained() builds a backbone from
+pretrained weights: weights.py reads the files (Hugging Face folders, GGUF files) into plain data,
+this file turns them into a model.
 """
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+import weights
 
 ACTIVATIONS = {  # Hugging Face's names for the MLP nonlinearity
     "gelu": lambda x: F.gelu(x),
@@ -286,9 +290,20 @@ class Backbone(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path, **overrides):
-        """A pretrained model: a Hugging Face folder, or for a Decoder a .gguf file (weights.py)."""
-        import weights  # it builds on this file's Config: imported here, not at the top
-        return weights.from_pretrained(cls, path, **overrides)
+        """
+        A pretrained model: a Hugging Face folder, or for a Decoder a .gguf file (read by
+        weights.py); overrides set Config fields (pool, n_labels, ...), over the file's.
+        """
+        kind, fields, keys = weights.read(path)
+        if kind not in cls.model_type:
+            other = {"bert": "Encoder", "gpt2": "Decoder", "llama": "Decoder"}.get(kind)
+            hint = (f"; use {other}.from_pretrained" if other
+                    else "; only BERT, GPT-2 and Llama are supported")
+            raise ValueError(f"{path} holds a {kind!r} checkpoint, not "
+                             f"{' or '.join(cls.model_type)}{hint}")
+        model = cls(Config(**(fields | overrides)))
+        weights.load_weights(model, keys, weights.KEY_MAPS[kind](model.config), path)
+        return model
 
     def check_ids(self, idx):
         # one pass over the ids

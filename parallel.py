@@ -8,14 +8,34 @@ import os
 
 import torch
 import torch.distributed as dist
+from tqdm import tqdm
 
 RANK, WORLD = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 MASTER = RANK == 0  # only this process writes checkpoints and reports, and prints
 
 
-def log(*args):
-    if MASTER:
-        print(*args, flush=True)
+LOG = {"path": None}  # the run's log file, out_dir/train.log, once log_to() names it
+
+
+def log_to(path, fresh=True):
+    """Write every log() line to path too, the run's full record; fresh: start the file anew."""
+    LOG["path"] = path
+    if MASTER and fresh:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        open(path, "w").close()
+
+
+def log(*args, console=True):
+    """A line of the run (rank 0 only): to the log file, and to the console unless console=False
+    (the step lines of long stages, which would bury what a reader came for)."""
+    if not MASTER:
+        return
+    line = " ".join(str(a) for a in args)
+    if LOG["path"]:
+        with open(LOG["path"], "a") as f:
+            print(line, file=f)
+    if console:
+        tqdm.write(line)
 
 
 def start_processes(cfg, prog="train.py"):

@@ -1,12 +1,51 @@
 """
-Reading a run's sweeps: which points to compare and how sure a difference is, the table
-train.py prints and the figure it draws. The points are cee.sweep()'s dicts (name, param,
-accuracy, agreement, avg_layers, speedup), ConsistentEE's with alpha, reward and stage
-(2: a policy of the stage-2 grid on the stage-1 model, 3: the final model).
+Reading a run's sweeps: each rule swept over its knob on precomputed outputs, which points to
+compare and how sure a difference is, the table train.py prints and the figure it draws. The
+points are sweep()'s dicts (name, param, accuracy, agreement, avg_layers, speedup), ConsistentEE's
+with alpha, reward and stage (2: a policy of the stage-2 grid on the stage-1 model, 3: the final
+model).
 """
+import math
+
 import torch
 
 import cee
+
+# -----------------------------------------------------------------------------
+# sweeps: each rule at each value of its knob
+
+def grids(L, n_labels, threshold=0.5):
+    """The knob values swept for each rule (entropy in units of the uniform entropy log n); the
+    policy's thresholds include the run's own, so that its operating point is among them."""
+    frac = [0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]
+    thresholds = {0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, threshold}
+    return {"consistentee": sorted(thresholds),
+            "static": list(range(1, L + 1)), "patience": list(range(1, L)),
+            "entropy": [f * math.log(n_labels) for f in frac],
+            "maxprob": [1 - f * (1 - 1 / n_labels) for f in frac]}
+
+
+def sweep(name, params, logits, labels, p=None):
+    """
+    Accuracy and mean exit layer of one rule at each of its params, from precomputed layer
+    outputs, and the agreement with the model's own full-depth prediction (for a language model:
+    would greedy decoding at full depth have picked the same token?).
+    logits (B, L, n), labels (B,), p (B, L)
+    -> [{"name", "param", "accuracy", "agreement", "avg_layers", "speedup"}]
+    """
+    preds = logits.argmax(-1)  # (B, L) every head's answer
+    return [point(name, v, cee.exit_layers(cee.ExitRule(name, v), logits, p), preds, labels)
+            for v in params]
+
+
+def point(name, param, exits, preds, labels):
+    """One rule's figures at one knob value: exits (B,) in 1..L, preds (B, L) every head's answer,
+    labels (B,) -> {"name", "param", "accuracy", "agreement", "avg_layers", "speedup"}."""
+    answer = preds.gather(1, (exits - 1)[:, None])[:, 0]  # (B,) by the head each input exits at
+    avg = exits.float().mean().item()
+    return {"name": name, "param": param, "accuracy": (answer == labels).float().mean().item(),
+            "agreement": (answer == preds[:, -1]).float().mean().item(),
+            "avg_layers": avg, "speedup": preds.size(1) / avg}
 
 
 def answered(point, logits, y, p=None):
@@ -14,6 +53,88 @@ def answered(point, logits, y, p=None):
     logits (B, L, n) every head's output, y (B,), p (B, L) the policy's -> (B,) bool."""
     exits = cee.exit_layers(cee.ExitRule(point["name"], point["param"]), logits, p)  # (B,)
     return logits[torch.arange(len(y)), exits - 1].argmax(-1) == y
+
+
+# -----------------------------------------------------------------------------
+# reading sweeps: the best speed-ups, the front, the fair rival
+
+
+def best_speedups(methods, full_accuracy):
+    """Each method's best speed-up at no accuracy loss, within 1 point of full depth, and with at
+    least 90% of its answers the full-depth model's."""
+    out = {}
+    for name in dict.fromkeys(m["name"] for m in methods):
+        pts = [m for m in methods if m["name"] == name]
+        out[name] = {regime: max((m["speedup"] for m in pts
+                                  if m["accuracy"] >= full_accuracy - tol), default=None)
+                     for regime, tol in (("no_loss", 1e-9), ("within_1_point", 0.01))}
+        out[name]["agreement_0.9"] = max((m["speedup"] for m in pts if m["agreement"] >= 0.9),
+                                         default=None)
+    return out
+
+
+def front(points):
+    """
+    The points no other point beats on both speed-up and accuracy (the upper-left envelope of a
+    trade-off plot), fastest first.
+    Example, as (speedup, accuracy): (1, .9), (2, .8), (2, .7), (3, .85) -> (3, .85), (1, .9):
+    (2, .8) and (2, .7) are slower than (3, .85) and less accurate.
+    """
+    out = []
+    for m in sorted(points, key=lambda m: (-m["speedup"], -m["accuracy"])):
+        if not out or m["accuracy"] > out[-1]["accuracy"]:
+            out.append(m)
+    return out
+
+
+def pick(points, full_accuracy, tol=0.01):
+    """The fastest point within tol of full depth's accuracy; if there is none, the most
+    accurate."""
+    close = [m for m in points if m["accuracy"] >= full_accuracy - tol]
+    if close:
+        return max(close, key=lambda m: (m["speedup"], m["accuracy"]))
+    return max(points, key=lambda m: (m["accuracy"], m["speedup"]))
+
+
+def matched(point, others):
+    """The most accurate of others at least as fast as point (None if none is): the fair rival."""
+    faster = [m for m in others if m["speedup"] >= point["speedup"] - 1e-9]
+    return max(faster, key=lambda m: (m["accuracy"], m["speedup"]), default=None)
+
+
+# -----------------------------------------------------------------------------
+# how sure a difference is
+
+
+def paired_bootstrap(a, b, n=2000, seed=0):
+    """
+    Accuracy of a minus accuracy of b on the same inputs, and its 95% interval over n resamplings of
+    the inputs (both methods see the same resampled inputs, so what they share cancels).
+    a, b (N,) bool, each input answered right -> (difference, low, high).
+    """
+    g = torch.Generator().manual_seed(seed)
+    d = a.float().cpu() - b.float().cpu()  # (N,)
+    i = torch.randint(0, len(d), (n, len(d)), generator=g)  # (n, N) resampled inputs
+    lo, hi = torch.quantile(d[i].mean(1), torch.tensor([0.025, 0.975])).tolist()
+    return d.mean().item(), lo, hi
+
+
+def rank_correlation(a, b):
+    """Spearman's rho: Pearson correlation of the ranks, ties given their mean rank."""
+    def ranks(x):
+        x = x.cpu().double()
+        r = torch.empty_like(x)
+        r[x.argsort()] = torch.arange(len(x), dtype=torch.double)
+        for v in x.unique():  # ties share the mean of their ranks
+            r[x == v] = r[x == v].mean()
+        return r
+    ra, rb = ranks(a), ranks(b)
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    return ((ra * rb).sum() / (ra.norm() * rb.norm()).clamp(min=1e-12)).item()
+
+
+# -----------------------------------------------------------------------------
+# the comparisons, the table, the figure
 
 
 def exits_by_memorized(memorized, exits, L):
@@ -27,7 +148,7 @@ def exits_by_memorized(memorized, exits, L):
             "count": {m: int((memorized == m).sum()) for m in buckets},
             "histogram": {m: torch.bincount(exits[memorized == m], minlength=L + 1)[1:].tolist()
                           for m in buckets},
-            "rank_correlation": cee.rank_correlation(memorized, exits)}
+            "rank_correlation": rank_correlation(memorized, exits)}
 
 
 def groups(methods):
@@ -58,17 +179,17 @@ def versus_baselines(methods, right, operating, full):
     def pair(what, a, b):
         row = {"what": what, "consistentee": brief(a), "baseline": brief(b)}
         if a is not None and b is not None:
-            d, lo, hi = cee.paired_bootstrap(right(a), right(b))
+            d, lo, hi = paired_bootstrap(right(a), right(b))
             row |= {"difference": d, "interval": [lo, hi]}
         return row
 
-    rows = [pair("operating point", operating, cee.matched(operating, theirs))]
-    best = cee.pick(ours, full)
+    rows = [pair("operating point", operating, matched(operating, theirs))]
+    best = pick(ours, full)
     close = best["accuracy"] >= full - 0.01
     what = "best within 1 point" if close else "most accurate (none within 1 point)"
-    rows.append(pair(what + ", chosen on test", best, cee.matched(best, theirs)))
-    for b in cee.front(theirs):
-        a = cee.matched(b, ours)
+    rows.append(pair(what + ", chosen on test", best, matched(best, theirs)))
+    for b in front(theirs):
+        a = matched(b, ours)
         if a is None or b["accuracy"] > a["accuracy"]:
             rows.append(pair("baseline above the front", a, b))
     return rows
@@ -96,7 +217,7 @@ def print_table(r):
     stage3 = [m for m in r["methods"] if m.get("stage") == 3]
     grid = [m for m in r["methods"] if m.get("stage") == 2]
     fronts = [m for rew in cee.REWARDS
-              for m in cee.front([m for m in grid if m["reward"] == rew])[::-1]]
+              for m in front([m for m in grid if m["reward"] == rew])[::-1]]
     seen = set()
     for m in baselines + stage3 + fronts:
         name = m["name"] if m["name"] != "consistentee" else f"cee-stage{m['stage']}"
@@ -146,7 +267,7 @@ def plot(r, path):
     ax.scatter([m["speedup"] for m in grid], [m["accuracy"] for m in grid], s=4, color="lightgray",
                label="consistentee policies, every alpha")
     curves = {f"consistentee front, reward {rew} (stage 2)":
-              cee.front([m for m in grid if m["reward"] == rew]) for rew in cee.REWARDS}
+              front([m for m in grid if m["reward"] == rew]) for rew in cee.REWARDS}
     curves["consistentee after stage 3"] = [m for m in r["methods"] if m.get("stage") == 3]
     for name in ("static", "entropy", "patience", "maxprob"):
         curves[name] = [m for m in r["methods"] if m["name"] == name]

@@ -6,13 +6,20 @@ position) with every exit's logits and states.
 import json
 import os
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 
 import data
 import tokenizer
 from model import Config, Decoder, Encoder
+
+
+class Outputs(NamedTuple):
+    """Every exit's outputs at R inputs, in this one order everywhere: read them by name."""
+    logits: torch.Tensor  # (R, L, n) each exit head's output
+    states: torch.Tensor  # (R, L, C) each exit state s_l
+    labels: torch.Tensor  # (R,)
 
 
 @dataclass
@@ -24,8 +31,7 @@ class Task:
     splits: dict                 # train (stage 1), train_rl (stages 2 and 3: the inputs whose
                                  # memorized layers are kept), validation, test
     new_model: Callable          # () -> the stage-1 model, with fresh exit policies
-    outputs: Callable            # (model, batch) -> every exit's logits (R, L, n), states
-                                 # (R, L, C) and labels (R,) of the batch's R inputs
+    outputs: Callable            # (model, batch) -> Outputs of the batch's R inputs
     inputs_per_item: int         # inputs in one item of a split: 1 text, or max_len token positions
     eval_batch: int              # items per batch when every layer's outputs are kept
     timed: bool                  # time inference on the test split (a language model's is timed
@@ -35,7 +41,7 @@ class Task:
 def text_outputs(model, b):
     """Task.outputs of a classifier: R = B texts, each one input."""
     logits, s = model(b["input_ids"], b["attention_mask"])
-    return logits, s, b["labels"]
+    return Outputs(logits, s, b["labels"])
 
 
 def token_outputs(model, b):
@@ -43,7 +49,7 @@ def token_outputs(model, b):
     token, its state the hidden state at that position."""
     s = torch.stack(model.layer_states(b["input_ids"])[1:], 2).flatten(0, 1)  # (B*T, L, C)
     logits = torch.stack([model.exit_logits(s[:, l], l) for l in range(s.size(1))], 1)
-    return logits, s, b["labels"].flatten()
+    return Outputs(logits, s, b["labels"].flatten())
 
 
 def build_task(cfg):
@@ -79,13 +85,9 @@ def build_task(cfg):
 
 @torch.no_grad()
 def all_layers(task, model, split, device):
-    """Every exit's states (R, L, C), logits (R, L, n) and labels (R,) of a split's inputs, in
-    eval mode."""
+    """Outputs of a whole split's inputs, in eval mode."""
     was_training = model.training
     model.eval()
-    out = []
-    for b in data.batches(split, task.eval_batch, device=device):
-        logits, s, labels = task.outputs(model, b)
-        out.append((s, logits, labels))
+    out = [task.outputs(model, b) for b in data.batches(split, task.eval_batch, device=device)]
     model.train(was_training)
-    return [torch.cat(parts) for parts in zip(*out)]
+    return Outputs(*[torch.cat(parts) for parts in zip(*out)])

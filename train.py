@@ -34,9 +34,9 @@ import cee
 import data
 import report
 from common import load_model, overrides, pick_device
-from parallel import (MASTER, RANK, WORLD, all_ok, check_replicas, gathered, log, my_share,
-                      rng_states, start_processes, sum_gradients)
-from tasks import all_layers, build_task
+from parallel import (MASTER, RANK, WORLD, all_ok, check_replicas, gathered, log, log_to,
+                      my_share, rng_states, start_processes, sum_gradients)
+from tasks import Outputs, all_layers, build_task
 
 PROG = "train.py"
 
@@ -89,7 +89,8 @@ class TrainConfig:
     warmup: int = 0              # steps of linear lr warm-up in each stage (at most a tenth of it),
                                  # then linear decay
     beta2: float = 0.999         # AdamW's decay of the squared-gradient average
-    log_interval: int = 50
+    log_interval: int = 50       # a step line every this many steps, to out_dir/train.log
+    verbose: bool = False        # print the step lines on the console too
     ckpt_interval: int = 200     # write out_dir/resume.pt every this many optimiser steps (and at
                                  # each stage's end)
     resume: bool = False         # continue from out_dir/resume.pt where the last run stopped
@@ -214,7 +215,8 @@ def check_memory(task, model, cfg):
 
 def gathered_layers(task, model, split, cfg):
     """all_layers of a whole split, each process computing a shard (parallel.py)."""
-    return gathered(lambda part: all_layers(task, model, part, cfg.device), split, cfg.device)
+    return Outputs(*gathered(lambda part: all_layers(task, model, part, cfg.device), split,
+                             cfg.device))
 
 
 # -----------------------------------------------------------------------------
@@ -289,21 +291,21 @@ def lr_factor(step, total, warmup):
 def stage_inputs(model, stage, task, memorized, train_pass, cfg, g):
     """
     What a stage trains on: (batches per epoch, epoch(e) -> that epoch's batches, forward(batch) ->
-    states, logits, labels and memorized layers of its inputs). Stage 2 reads the frozen backbone's
+    the Outputs of its inputs and their memorized layers). Stage 2 reads the frozen backbone's
     states cached in train_pass (shuffled by g); stages 1 and 3 run the backbone on each batch,
     stage 3 on the inputs whose memorized layers are kept.
     """
     if stage == 2:
-        s_all, logits_all, labels_all = train_pass
-        n = cfg.batch_size * (len(s_all) // len(task.splits["train_rl"]))  # a window gives T rows
+        rows = len(train_pass.labels)
+        n = cfg.batch_size * (rows // len(task.splits["train_rl"]))  # a window gives T rows
 
         def epoch(e):
-            return ({"index": i} for i in torch.randperm(len(s_all), generator=g).split(n))
+            return ({"index": i} for i in torch.randperm(rows, generator=g).split(n))
 
         def forward(b):
             i = b["index"]
-            return s_all[i], logits_all[i], labels_all[i], memorized[i]
-        return math.ceil(len(s_all) / n), epoch, forward
+            return Outputs(*(t[i] for t in train_pass)), memorized[i]
+        return math.ceil(rows / n), epoch, forward
     split = task.splits["train" if stage == 1 else "train_rl"]
     seed = cfg.seed + cfg.train_seed + 1000 * stage
 
@@ -311,9 +313,8 @@ def stage_inputs(model, stage, task, memorized, train_pass, cfg, g):
         return data.batches(split, cfg.batch_size, shuffle=True, seed=seed + e, device=cfg.device)
 
     def forward(b):
-        logits, s, labels = task.outputs(model, b)
         mem = None if memorized is None else memorized.view(len(split), -1)[b["index"]].flatten()
-        return s, logits, labels, mem
+        return task.outputs(model, b), mem
     return math.ceil(len(split) / cfg.batch_size), epoch, forward
 
 
@@ -352,19 +353,20 @@ def restore(resume, opt, sched, g, cfg):
     return resume["step"], resume["epoch"], resume["batch"]
 
 
-def batch_loss(model, stage, s, logits, labels, memorized, alpha, cfg):
-    """cee.stage_loss of the batch; when its logits hold a NaN or inf, no loss and a NaN to log
-    (the run then stops)."""
-    if not torch.isfinite(logits).all():
+def batch_loss(model, stage, out, memorized, alpha, cfg):
+    """cee.stage_loss of the batch's Outputs; when its logits hold a NaN or inf, no loss and a NaN
+    to log (the run then stops)."""
+    if not torch.isfinite(out.logits).all():
         return None, {"logits": math.nan}
-    return cee.stage_loss(model, stage, s, logits, labels, memorized, alpha, **method_options(cfg))
+    return cee.stage_loss(model, stage, out.states, out.logits, out.labels, memorized, alpha,
+                          **method_options(cfg))
 
 
-def log_step(name, step, total, logs, lr, seconds):
-    if MASTER:
-        kv = " ".join(f"{k} {v:.4f}" for k, v in logs.items())
-        tqdm.write(f"{name} step {step}/{total} {kv} lr {lr:.2e} s/step {seconds / step:.3f}",
-                   file=sys.stderr)
+def log_step(name, step, total, logs, lr, seconds, cfg):
+    """One greppable line: to out_dir/train.log, and to the console with --verbose."""
+    kv = " ".join(f"{k} {v:.4f}" for k, v in logs.items())
+    log(f"{name} step {step}/{total} {kv} lr {lr:.2e} s/step {seconds / step:.3f}",
+        console=cfg.verbose)
 
 
 def stop_unless_finite(logs, name, step):
@@ -376,12 +378,13 @@ def stop_unless_finite(logs, name, step):
 
 
 def run_stage(model, stage, task, cfg, memorized=None, train_pass=None, alpha=0.0, resume=None,
-              resumable=True, name=None):
+              resumable=True, name=None, leave=True):
     """
     One optimiser loop for any stage; the stage decides the parameters, the inputs and the loss.
     memorized: the memorized layers of task's train_rl inputs (stages 2 and 3); train_pass:
     all_layers() of them by this model (stage 2); alpha: the reward's depth penalty; resume: a
-    resume.pt of this stage, to continue from; resumable: write out_dir/resume.pt as it goes.
+    resume.pt of this stage, to continue from; resumable: write out_dir/resume.pt as it goes;
+    leave: keep the progress bar on the console when done.
     """
     name = name or f"stage {stage}"
     torch.manual_seed(cfg.seed + cfg.train_seed + stage)  # each stage reproducible on its own
@@ -393,15 +396,15 @@ def run_stage(model, stage, task, cfg, memorized=None, train_pass=None, alpha=0.
     model.train()
     t0 = time.time()
     bar = tqdm(total=total, initial=step, desc=name, file=sys.stderr, dynamic_ncols=True,
-               disable=not MASTER)
+               disable=not MASTER, leave=leave)
     while step < total:
         batch_rng = g.get_state()  # where this epoch's shuffle starts, for resume.pt
         for j, b in enumerate(epoch_batches(epoch)):
             b, fraction = my_share(b)  # this process's rows: all of them in a single process
             if j < skip or b is None:  # done before the run was stopped, or too small to share
                 continue
-            s, logits, labels, mem = forward(b)
-            loss, logs = batch_loss(model, stage, s, logits, labels, mem, alpha, cfg)
+            out, mem = forward(b)
+            loss, logs = batch_loss(model, stage, out, mem, alpha, cfg)
             stop_unless_finite(logs, name, step)
             opt.zero_grad(set_to_none=True)
             (loss * fraction).backward()
@@ -416,7 +419,7 @@ def run_stage(model, stage, task, cfg, memorized=None, train_pass=None, alpha=0.
                     model, stage, memorized, cfg, alpha,
                     **progress(opt, sched, step, epoch, j + 1, batch_rng, cfg)))
             if step % cfg.log_interval == 0 or step == total:
-                log_step(name, step, total, logs, sched.get_last_lr()[0], time.time() - t0)
+                log_step(name, step, total, logs, sched.get_last_lr()[0], time.time() - t0, cfg)
             if step == total:
                 break
         epoch, skip = epoch + 1, 0
@@ -450,24 +453,24 @@ def policy_grid(model, task, memorized, train_pass, cfg):
     Returns (the picked alpha, the grid: a list of {reward, alpha, policies, validation points}).
     """
     init = cee.policy_weights(model)
-    s_val, logits_val, y_val = gathered_layers(task, model, task.splits["validation"], cfg)
-    full_val = (logits_val[:, -1].argmax(-1) == y_val).float().mean().item()
-    logits, labels = train_pass[1:]
-    target = cee.reward_target(logits, labels, cfg.policy_target)
+    val = gathered_layers(task, model, task.splits["validation"], cfg)
+    full_val = (val.logits[:, -1].argmax(-1) == val.labels).float().mean().item()
+    logits = train_pass.logits
+    target = cee.reward_target(logits, train_pass.labels, cfg.policy_target)
     L = model.config.n_layer
-    thresholds = cee.grids(L, logits.size(-1), cfg.threshold)["consistentee"]
+    thresholds = report.grids(L, logits.size(-1), cfg.threshold)["consistentee"]
     grid, ours = [], []  # ours: the validation point at cfg.threshold of each alpha of cfg.reward
     for reward in cee.REWARDS:
         for alpha in alpha_grid(cfg):
             best = cee.best_exits(logits, target, memorized, alpha, reward)
             log(f"reward {reward} alpha {alpha}: reward-optimal exit layer (knowing the targets) "
-                + shares(best, L))
+                + shares(best, L), console=False)
             model.policies.load_state_dict(init)
             run_stage(model, 2, task, replace(cfg, reward=reward), memorized, train_pass, alpha,
-                      resumable=False, name=f"stage 2 {reward} alpha {alpha}")
+                      resumable=False, name=f"stage 2 {reward} alpha {alpha}", leave=False)
             with torch.no_grad():
-                p = cee.policy_probs(model, s_val, logits_val)  # (B, L)
-            points = cee.sweep("consistentee", thresholds, logits_val, y_val, p)
+                p = cee.policy_probs(model, val.states, val.logits)  # (B, L)
+            points = report.sweep("consistentee", thresholds, val.logits, val.labels, p)
             grid.append({"reward": reward, "alpha": alpha, "validation": points,
                          "policies": cee.policy_weights(model)})
             at = next(m for m in points if m["param"] == cfg.threshold)
@@ -478,10 +481,10 @@ def policy_grid(model, task, memorized, train_pass, cfg):
                 ours.append({**at, "cell": len(grid) - 1})
     for reward in cee.REWARDS:  # each reward's whole front on validation, every alpha and threshold
         points = [m for c in grid if c["reward"] == reward for m in c["validation"]]
-        best = cee.best_speedups(points, full_val)["consistentee"]
+        best = report.best_speedups(points, full_val)["consistentee"]
         log(f"reward {reward} on validation: best speed-up at no loss {best['no_loss'] or 0:.2f}x, "
             f"within 1 point {best['within_1_point'] or 0:.2f}x")
-    chosen = cee.pick(ours, full_val)
+    chosen = report.pick(ours, full_val)
     alpha = grid[chosen["cell"]]["alpha"]
     model.policies.load_state_dict(grid[chosen["cell"]]["policies"])
     log(f"picked on validation (full depth {full_val:.3f}): reward {cfg.reward} alpha {alpha}, "
@@ -539,13 +542,13 @@ def evaluate_and_report(task, cfg, seconds):
     m1, _, _ = load("stage1.pt", cfg)
     grid = load("stage2.pt", cfg)[2]["grid"]
     m3, _, ck3 = load("stage3.pt", cfg)
-    s1, lg1, y = all_layers(task, m1, test, cfg.device)  # stage 2's backbone is stage 1's
+    lg1, s1, y = all_layers(task, m1, test, cfg.device)  # stage 2's backbone is stage 1's
     L, n = lg1.shape[1:]
-    g = cee.grids(L, n, cfg.threshold)
+    g = report.grids(L, n, cfg.threshold)
     methods, source = [], {}  # source: id of a point -> the outputs it was swept on
 
     def add(name, params, logits, p=None, **keys):
-        points = [{**m, **keys} for m in cee.sweep(name, params, logits, y, p)]
+        points = [{**m, **keys} for m in report.sweep(name, params, logits, y, p)]
         source.update({id(m): (logits, p) for m in points})
         methods.extend(points)
         return points
@@ -561,7 +564,7 @@ def evaluate_and_report(task, cfg, seconds):
             m1.policies.load_state_dict(cell["policies"])
             add("consistentee", g["consistentee"], lg1, cee.policy_probs(m1, s1, lg1),
                 alpha=cell["alpha"], reward=cell["reward"], stage=2)
-        s3, lg3, _ = all_layers(task, m3, test, cfg.device)
+        lg3, s3, _ = all_layers(task, m3, test, cfg.device)
         p3 = cee.policy_probs(m3, s3, lg3)
     ours = add("consistentee", g["consistentee"], lg3, p3, alpha=ck3["alpha"], reward=cfg.reward,
                stage=3)
@@ -573,7 +576,7 @@ def evaluate_and_report(task, cfg, seconds):
     out = {"full": {"accuracy": full, "layers": L}, "methods": methods, "seconds": seconds,
            "config": asdict(cfg), "final_full_depth_accuracy": final,
            "picked": {"alpha": ck3["alpha"], "reward": cfg.reward, "threshold": cfg.threshold},
-           "best_speedup": cee.best_speedups(report.groups(methods), full),
+           "best_speedup": report.best_speedups(report.groups(methods), full),
            "exit_by_memorized_layer": {**report.exits_by_memorized(memorized, exits, L),
                                        "threshold": cfg.threshold, "target": cfg.policy_target},
            "versus_baselines": report.versus_baselines(methods, right, operating, full)}
@@ -597,19 +600,19 @@ def against_control(task, m3, p3, lg3, y, thresholds, cfg):
     """Stage 3 against the control (stage 1's loss for as many steps, then stage 2): each one's full
     depth, every exit head, the policy's operating point and best speed-ups; paired differences."""
     mc, _, _ = load("control.pt", cfg)
-    sc, lgc, _ = all_layers(task, mc, task.splits["test"], cfg.device)
+    lgc, sc, _ = all_layers(task, mc, task.splits["test"], cfg.device)
     with torch.no_grad():
         pc = cee.policy_probs(mc, sc, lgc)
     out, right = {}, {}
     for name, logits, p in (("stage3", lg3, p3), ("control", lgc, pc)):
         heads = (logits.argmax(-1) == y[:, None]).float().mean(0).tolist()  # (L,) each head alone
-        points = cee.sweep("consistentee", thresholds, logits, y, p)
+        points = report.sweep("consistentee", thresholds, logits, y, p)
         op = next(m for m in points if m["param"] == cfg.threshold)
         right[name] = (logits[:, -1].argmax(-1) == y, report.answered(op, logits, y, p))
         out[name] = {"full": heads[-1], "heads": heads, "operating": op,
-                     "best_speedup": cee.best_speedups(points, heads[-1])["consistentee"]}
+                     "best_speedup": report.best_speedups(points, heads[-1])["consistentee"]}
     for i, what in enumerate(("full", "operating")):
-        d, lo, hi = cee.paired_bootstrap(right["stage3"][i], right["control"][i])
+        d, lo, hi = report.paired_bootstrap(right["stage3"][i], right["control"][i])
         out[f"{what}_difference"] = {"difference": d, "interval": [lo, hi]}
     return out
 
@@ -643,9 +646,10 @@ def starting_point(task, cfg):
 def main(argv):
     cfg = parse_args(argv)
     cfg.device = pick_device(cfg.device, PROG)
+    log_to(os.path.join(cfg.out_dir, "train.log"), fresh=not cfg.resume)
     if cfg.task == "smollm2":  # a frozen pretrained LLM: its own short pipeline
         import llm
-        return llm.main(cfg)
+        return llm.train_smollm2(cfg)
     start_processes(cfg)
     torch.manual_seed(cfg.seed)
     try:
@@ -664,7 +668,7 @@ def main(argv):
         if stage == 2:  # one set of policies per reward and alpha, on states computed once
             train_pass = gathered_layers(task, model, task.splits["train_rl"], cfg)
             if memorized is None:  # after stage 1, or from stage1.pt (--stage=2)
-                memorized = memorized_of(train_pass[1], train_pass[2], cfg)
+                memorized = memorized_of(train_pass.logits, train_pass.labels, cfg)
                 log("memorized layer of the training inputs: "
                     + shares(memorized, model.config.n_layer))
             alpha, extra["grid"] = policy_grid(model, task, memorized, train_pass, cfg)

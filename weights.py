@@ -1,9 +1,11 @@
 """
-Pretrained weights for model.py's backbones, read from local files with explicit key maps (as
-nanoGPT's GPT.from_pretrained does): a Hugging Face folder (config.json + model.safetensors or
-pytorch_model.bin) of BERT, GPT-2 or the Llama family, or a llama.cpp GGUF file of the Llama
-family, dequantised by the gguf package. Each family has a config function (Hugging Face's
-config as a dict -> our Config) and a key map (our parameter name -> the file's tensors).
+The reader of pretrained weights, for model.py's backbones: local files in, plain data out, with
+explicit key maps (as nanoGPT's GPT.from_pretrained does). It reads a Hugging Face folder
+(config.json + model.safetensors or pytorch_model.bin) of BERT, GPT-2 or the Llama family, or a
+llama.cpp GGUF file of the Llama family, dequantised by the gguf package. read() gives the family,
+our Config's fields as a plain dict and the tensors by name; model.py builds the model from them
+and fills it with load_weights and the family's key map (our parameter name -> the file's
+tensors). This file does not import model.py.
 """
 import json
 import os
@@ -11,40 +13,31 @@ import sys
 
 import torch
 
-from model import Config
 
-
-def from_pretrained(cls, path, **overrides):
-    """An Encoder or Decoder (cls) with the weights of path; overrides set Config fields."""
+def read(path):
+    """
+    (family, fields, tensors) of a Hugging Face folder or a .gguf file: Hugging Face's model_type,
+    our Config's fields as a dict (None for a family we do not support) and the tensors by name.
+    """
     hf, keys = read_gguf(path) if str(path).endswith(".gguf") else read_checkpoint(path)
     kind = hf.get("model_type")
-    if kind not in cls.model_type:
-        other = {"bert": "Encoder", "gpt2": "Decoder", "llama": "Decoder"}.get(kind)
-        hint = (f"; use {other}.from_pretrained" if other
-                else "; only BERT, GPT-2 and Llama are supported")
-        raise ValueError(f"{path} holds a {kind!r} checkpoint, not "
-                         f"{' or '.join(cls.model_type)}{hint}")
-    config, key_map = FAMILIES[kind]
-    model = cls(config(hf, **overrides))
-    load_weights(model, keys, key_map(model.config), path)
-    return model
+    return kind, CONFIGS[kind](hf) if kind in CONFIGS else None, keys
 
 
 # -----------------------------------------------------------------------------
-# each family: its config and its key map
+# each family: its config fields, and its key map of the built model's config
 
-def bert_config(hf, **overrides):
-    """Our Config of a Hugging Face BertConfig (as a dict)."""
+def bert_config(hf):
+    """Our Config's fields (a dict) of a Hugging Face BertConfig (as a dict)."""
     if hf.get("position_embedding_type", "absolute") != "absolute":
         raise ValueError(f"position_embedding_type {hf['position_embedding_type']!r} "
                          "is not supported")
-    return Config(n_layer=hf["num_hidden_layers"], n_head=hf["num_attention_heads"],
-                  n_embd=hf["hidden_size"], n_inner=hf["intermediate_size"],
-                  vocab_size=hf["vocab_size"], block_size=hf["max_position_embeddings"],
-                  type_vocab_size=hf.get("type_vocab_size", 2),
-                  act=hf.get("hidden_act", "gelu"), ln_eps=hf.get("layer_norm_eps", 1e-12),
-                  dropout=hf.get("hidden_dropout_prob", 0.1),
-                  causal=hf.get("is_decoder", False), **overrides)
+    return dict(n_layer=hf["num_hidden_layers"], n_head=hf["num_attention_heads"],
+                n_embd=hf["hidden_size"], n_inner=hf["intermediate_size"],
+                vocab_size=hf["vocab_size"], block_size=hf["max_position_embeddings"],
+                type_vocab_size=hf.get("type_vocab_size", 2),
+                act=hf.get("hidden_act", "gelu"), ln_eps=hf.get("layer_norm_eps", 1e-12),
+                dropout=hf.get("hidden_dropout_prob", 0.1), causal=hf.get("is_decoder", False))
 
 
 def bert_key_map(cfg):
@@ -69,16 +62,16 @@ def bert_key_map(cfg):
     return {k: (v, False) for k, v in m.items()}
 
 
-def gpt2_config(hf, **overrides):
-    """Our Config of a Hugging Face GPT2Config (as a dict)."""
+def gpt2_config(hf):
+    """Our Config's fields (a dict) of a Hugging Face GPT2Config (as a dict)."""
     C = hf["n_embd"]
-    return Config(n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=C,
-                  n_inner=hf.get("n_inner") or 4 * C, vocab_size=hf["vocab_size"],
-                  block_size=hf["n_positions"], act=hf.get("activation_function", "gelu_new"),
-                  ln_eps=hf.get("layer_norm_epsilon", 1e-5), dropout=hf.get("resid_pdrop", 0.1),
-                  attn_scale=hf.get("scale_attn_weights", True),
-                  attn_scale_by_layer=hf.get("scale_attn_by_inverse_layer_idx", False),
-                  tie_lm_head=hf.get("tie_word_embeddings", True), **overrides)
+    return dict(n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=C,
+                n_inner=hf.get("n_inner") or 4 * C, vocab_size=hf["vocab_size"],
+                block_size=hf["n_positions"], act=hf.get("activation_function", "gelu_new"),
+                ln_eps=hf.get("layer_norm_epsilon", 1e-5), dropout=hf.get("resid_pdrop", 0.1),
+                attn_scale=hf.get("scale_attn_weights", True),
+                attn_scale_by_layer=hf.get("scale_attn_by_inverse_layer_idx", False),
+                tie_lm_head=hf.get("tie_word_embeddings", True))
 
 
 def gpt2_key_map(cfg):
@@ -97,8 +90,8 @@ def gpt2_key_map(cfg):
     return m
 
 
-def llama_config(hf, **overrides):
-    """Our Config of a Hugging Face LlamaConfig (as a dict)."""
+def llama_config(hf):
+    """Our Config's fields (a dict) of a Hugging Face LlamaConfig (as a dict)."""
     rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
     if rope.get("rope_type", rope.get("type", "default")) != "default":
         raise ValueError(f"rope scaling {rope.get('rope_type', rope.get('type'))!r} is not "
@@ -109,13 +102,13 @@ def llama_config(hf, **overrides):
     C, H = hf["hidden_size"], hf["num_attention_heads"]
     if hf.get("head_dim", C // H) != C // H:
         raise ValueError(f"head_dim {hf['head_dim']} is not hidden_size / num_attention_heads")
-    return Config(n_layer=hf["num_hidden_layers"], n_head=H, n_embd=C,
-                  n_kv_head=hf.get("num_key_value_heads") or H, n_inner=hf["intermediate_size"],
-                  vocab_size=hf["vocab_size"], block_size=hf["max_position_embeddings"],
-                  act=hf.get("hidden_act", "silu"), ln_eps=hf.get("rms_norm_eps", 1e-6),
-                  dropout=0.0, rope_theta=rope.get("rope_theta", hf.get("rope_theta", 10000.0)),
-                  norm="rms", gated_mlp=True, bias=hf.get("attention_bias", False),
-                  tie_lm_head=hf.get("tie_word_embeddings", False), **overrides)
+    return dict(n_layer=hf["num_hidden_layers"], n_head=H, n_embd=C,
+                n_kv_head=hf.get("num_key_value_heads") or H, n_inner=hf["intermediate_size"],
+                vocab_size=hf["vocab_size"], block_size=hf["max_position_embeddings"],
+                act=hf.get("hidden_act", "silu"), ln_eps=hf.get("rms_norm_eps", 1e-6),
+                dropout=0.0, rope_theta=rope.get("rope_theta", hf.get("rope_theta", 10000.0)),
+                norm="rms", gated_mlp=True, bias=hf.get("attention_bias", False),
+                tie_lm_head=hf.get("tie_word_embeddings", False))
 
 
 def llama_key_map(cfg):
@@ -139,8 +132,8 @@ def llama_key_map(cfg):
         m["lm_head.weight"] = (["lm_head.weight"], False)
     return m
 
-FAMILIES = {"bert": (bert_config, bert_key_map), "gpt2": (gpt2_config, gpt2_key_map),
-            "llama": (llama_config, llama_key_map)}
+CONFIGS = {"bert": bert_config, "gpt2": gpt2_config, "llama": llama_config}
+KEY_MAPS = {"bert": bert_key_map, "gpt2": gpt2_key_map, "llama": llama_key_map}
 
 
 # -----------------------------------------------------------------------------

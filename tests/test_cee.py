@@ -57,31 +57,6 @@ def test_unknown_rule():
         cee.ExitRule("deebert", 0.1)
 
 
-def test_sweep_reports_accuracy_and_speedup():
-    logits = layer_logits([[0.9, 0.9], [0.4, 0.8]])  # input 2: wrong at layer 1, right at layer 2
-    pts = cee.sweep("static", [1, 2], logits, torch.tensor([1, 1]))
-    assert ([(p["accuracy"], p["avg_layers"], p["speedup"]) for p in pts]
-            == [(0.5, 1.0, 2.0), (1.0, 2.0, 1.0)])
-
-
-@pytest.mark.parametrize("a,b,rho", [([1, 2, 3], [1, 2, 3], 1.0), ([1, 2, 3], [3, 2, 1], -1.0),
-                                     # ranks [.5 .5 2] vs [0 1 2]
-                                     ([1, 1, 2], [1, 2, 3], 1.5 / math.sqrt(3)),
-                                     ([4, 4, 4], [1, 2, 3], 0.0)])  # a constant has no rank order
-def test_rank_correlation(a, b, rho):
-    assert cee.rank_correlation(torch.tensor(a), torch.tensor(b)) == pytest.approx(rho)
-
-
-def test_best_speedups_in_both_regimes():
-    pts = [{"name": "x", "accuracy": 0.80, "agreement": 1.0, "speedup": 1.5},
-           {"name": "x", "accuracy": 0.795, "agreement": 0.85, "speedup": 2.0},
-           {"name": "x", "accuracy": 0.70, "agreement": 0.91, "speedup": 3.0},
-           {"name": "y", "accuracy": 0.5, "agreement": 0.5, "speedup": 2.0}]
-    assert cee.best_speedups(pts, 0.80) == {
-        "x": {"no_loss": 1.5, "within_1_point": 2.0, "agreement_0.9": 3.0},
-        "y": {"no_loss": None, "within_1_point": None, "agreement_0.9": None}}
-
-
 def test_exit_gain_worked_example():
     """
     The docstring's case: the target's probability 0.6 at head 1 and 0.9 at head 2, both right.
@@ -115,51 +90,6 @@ def test_best_exits_hand_case():
     table = rl.reward_table(cee.exit_gain(logits, target, "correct"), memorized, 0.3)
     torch.testing.assert_close(table, torch.tensor([[-0.2, 0.6, 0.4], [1.0, 1, 1], [0, 0, 1]]))
     assert cee.best_exits(logits, target, memorized, 0.3, "correct").tolist() == [2, 1, 3]
-
-
-def test_first_agreeing_layer_hand_case():
-    full = torch.tensor([3, 3, 5])
-    preds = torch.tensor([[1, 3, 3], [3, 1, 3], [0, 0, 5]])
-    assert cee.first_agreeing_layer(preds, full).tolist() == [2, 1, 3]
-
-
-def pt(speedup, accuracy, **kw):
-    return {"speedup": speedup, "accuracy": accuracy, **kw}
-
-
-def test_front_keeps_the_upper_left_envelope():
-    points = [pt(1, 0.9), pt(2, 0.8), pt(2, 0.7), pt(3, 0.85), pt(3, 0.6)]
-    assert [(m["speedup"], m["accuracy"]) for m in cee.front(points)] == [(3, 0.85), (1, 0.9)]
-    assert cee.front([]) == []
-
-
-def test_pick_is_the_fastest_within_a_point_else_the_most_accurate():
-    points = [pt(1.0, 0.866, a=1), pt(1.5, 0.860, a=2), pt(1.8, 0.856, a=3), pt(2.0, 0.850, a=4)]
-    assert cee.pick(points, 0.866)["a"] == 3  # 0.856 >= 0.866 - 0.01
-    assert cee.pick(points, 0.9)["a"] == 1  # none within 1 point: the most accurate
-
-
-def test_matched_is_the_most_accurate_at_least_as_fast():
-    others = [pt(1.2, 0.87), pt(1.6, 0.86), pt(1.9, 0.85), pt(2.5, 0.80)]
-    assert cee.matched(pt(1.5, 0.0), others) == pt(1.6, 0.86)
-    assert cee.matched(pt(1.6, 0.0), others) == pt(1.6, 0.86)  # equally fast counts
-    assert cee.matched(pt(3.0, 0.0), others) is None
-
-
-def test_paired_bootstrap():
-    """The difference is exact; its interval covers it, shrinks with more inputs, and is 0 wide when
-    both answer alike."""
-    a = torch.tensor([True] * 60 + [False] * 40)
-    b = torch.tensor([True] * 50 + [False] * 50)
-    d, lo, hi = cee.paired_bootstrap(a, b)
-    # a is right on 10 more inputs, never worse
-    assert d == pytest.approx(0.1) and 0 < lo < 0.1 < hi < 0.2
-    d, lo, hi = cee.paired_bootstrap(a.repeat(10), b.repeat(10))
-    assert hi - lo < 0.06
-    assert cee.paired_bootstrap(a, a) == (0.0, 0.0, 0.0)
-    flip = torch.arange(100) % 2 == 0  # a and b each right on half, never on the same inputs
-    d, lo, hi = cee.paired_bootstrap(flip, ~flip)
-    assert d == 0 and lo < -0.1 and hi > 0.1  # the same accuracy, but much noise
 
 
 @pytest.fixture(scope="module", params=[False, True],

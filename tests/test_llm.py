@@ -11,7 +11,9 @@ import torch
 import torch.nn.functional as F
 
 import cee
+import data
 import llm
+import report
 from common import load_model
 from model import Config, Decoder
 from train import TrainConfig
@@ -37,7 +39,7 @@ def test_taken_exits_loss_is_the_dense_consistent_loss_where_heads_learn():
     s, labels = torch.randn(6, 4, 16), torch.randint(0, 50, (6,))
     share = torch.tensor([[1, 0, 0, 0], [0, .5, .5, 0], [0, 0, 0, 1], [.25, 0, .25, .5],
                           [0, 1, 0, 0], [0, 0, 1, 0]])
-    sparse = cee.taken_exits_loss(model, s, share, labels)
+    sparse = llm.taken_exits_loss(model, s, share, labels)
     sparse.backward()
     got = [a.weight.grad.clone() for a in model.adapters]
     model.zero_grad()
@@ -51,26 +53,26 @@ def test_taken_exits_loss_is_the_dense_consistent_loss_where_heads_learn():
 
 
 def test_prompts_are_disjoint_varied_and_seeded():
-    p = llm.prompts(240, 32, 40, 1337)
+    p = data.chat_prompts(240, 32, 40, 1337)
     assert [len(p[k]) for k in ("train", "validation", "test")] == [240, 32, 40]
     assert len(set(p["train"] + p["validation"] + p["test"])) == 312
     assert sum("movie review" in text for text in p["test"]) == 20  # half of them, in turn
-    assert llm.prompts(240, 32, 40, 1337) == p and llm.prompts(240, 32, 40, 1) != p
+    assert data.chat_prompts(240, 32, 40, 1337) == p and data.chat_prompts(240, 32, 40, 1) != p
     with pytest.raises(ValueError, match="577 prompts asked for; there are 576 at most"):
-        llm.prompts(500, 40, 37, 0)
+        data.chat_prompts(500, 40, 37, 0)
 
 
 def test_first_layer_and_point_by_hand():
     stop = torch.tensor([[False, True, True], [False, False, False], [True, False, False]])
-    assert cee.first_layer(stop).tolist() == [2, 3, 1]
+    assert llm.first_layer(stop).tolist() == [2, 3, 1]
     preds = torch.tensor([[1, 2, 2], [0, 0, 5], [3, 3, 3]])
-    m = cee.point("x", 0.5, torch.tensor([2, 1, 1]), preds, torch.tensor([2, 5, 0]))
+    m = report.point("x", 0.5, torch.tensor([2, 1, 1]), preds, torch.tensor([2, 5, 0]))
     assert m["accuracy"] == pytest.approx(1 / 3) and m["agreement"] == pytest.approx(2 / 3)
     assert m["avg_layers"] == pytest.approx(4 / 3) and m["speedup"] == pytest.approx(9 / 4)
 
 
-def test_rules_on_head_tables_equal_cee_on_every_heads_logits():
-    """The tables keep what the exit rules read; exits and figures equal cee.sweep's on the full
+def test_rules_on_head_tables_equal_sweeps_of_every_heads_logits():
+    """The tables keep what the exit rules read; exits and figures equal report.sweep's on the full
     logits, for every rule and knob."""
     model = tiny_llama()
     s = 3 * torch.randn(200, 4, 16)
@@ -84,10 +86,10 @@ def test_rules_on_head_tables_equal_cee_on_every_heads_logits():
     assert torch.equal(t.gain("correct"), cee.exit_gain(logits, full, "correct"))
     assert torch.equal(t.memorized(), cee.memorized_layer(logits.argmax(-1), full))
     p = torch.rand(200, 4)
-    g = cee.grids(4, 50)
+    g = report.grids(4, 50)
     for name in ("consistentee", "static", "entropy", "maxprob"):
-        ours = llm.sweep(name, g[name], t, p)
-        theirs = cee.sweep(name, g[name], logits, full, p)
+        ours = llm.sweep_tables(name, g[name], t, p)
+        theirs = report.sweep(name, g[name], logits, full, p)
         assert len(ours) == len(g[name])
         for a, b in zip(ours, theirs):
             assert a == pytest.approx(b, abs=1e-6), name
@@ -116,7 +118,7 @@ def test_frozen_llm_checkpoint_loads_beside_its_gguf(tmp_path):
         model.policies[7].net[2].bias.fill_(-2.0)
     scale = (torch.zeros(30, 576), torch.ones(30, 576))
     path = str(tmp_path / "stage3.pt")
-    ckpt = llm.checkpoint(model, 3, TrainConfig(), gguf, 0.02, scale)
+    ckpt = llm.exits_checkpoint(model, 3, TrainConfig(), gguf, 0.02, scale)
     assert set(k.split(".")[0] for k in ckpt["model"]) == {"adapters", "policies"}
     torch.save(ckpt, path)
     assert os.path.getsize(path) < 50e6  # not the 135M backbone
@@ -166,3 +168,9 @@ def test_smollm2_pipeline_end_to_end(tmp_path):
     assert r.returncode != 0 and r.stderr.strip().splitlines() == [
         "train.py: --task=smollm2 runs its three stages in one process (--stage, --resume and "
         "torchrun are for the other tasks)"]
+
+
+def test_first_agreeing_layer_hand_case():
+    full = torch.tensor([3, 3, 5])
+    preds = torch.tensor([[1, 3, 3], [3, 1, 3], [0, 0, 5]])
+    assert llm.first_agreeing_layer(preds, full).tolist() == [2, 1, 3]

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-import cee
 import data
 import tokenizer
 import generate
+import llm
 from model import Config, Decoder
 
 transformers = pytest.importorskip("transformers")
@@ -161,7 +161,7 @@ def test_fit_exit_adapters_recovers_a_linear_map():
     s = torch.randn(3, 500, 16, generator=g)
     M, c = torch.randn(16, 16, generator=g), torch.randn(16, generator=g)
     s[-1] = s[0] @ M + c
-    cee.fit_exit_adapters(model, s)
+    llm.fit_exit_adapters(model, s)
     torch.testing.assert_close(model.adapters[0](s[0]), s[-1], atol=1e-3, rtol=1e-4)
     assert (model.adapters[1](s[1]) - s[-1]).abs().mean() > 0.5  # nothing to find from layer 2
 
@@ -180,9 +180,9 @@ def test_smollm2_adapters_raise_the_oracle_speedup(smollm2, enc):
         speedups = []
         for adapted in (False, True):
             if adapted:
-                cee.fit_exit_adapters(model, fit)
+                llm.fit_exit_adapters(model, fit)
             preds = torch.stack([model.exit_logits(held[l], l).argmax(-1) for l in range(30)], 1)
-            exits = cee.first_agreeing_layer(preds, full)
+            exits = llm.first_agreeing_layer(preds, full)
             speedups.append(30 / exits.float().mean().item())
             agree = (preds == full[:, None]).float().mean(0)
             print(f"adapters {adapted}: agreement with the last layer at layers 1, 10, 20, 25, 29 "

@@ -13,6 +13,7 @@ import cee
 import common
 import generate
 import rl
+import report
 import tasks
 import train
 from model import Config, Decoder, Encoder
@@ -68,7 +69,7 @@ def test_policy_exits_easy_inputs_earlier_than_hard(estimator, reward):
     assert exits[easy].float().mean() < 1.2 and exits[~easy].float().mean() > L - 0.2
     with torch.no_grad():
         p = cee.policy_probs(model, s, logits)
-    assert cee.sweep("consistentee", [0.5], logits, labels, p)[0]["accuracy"] > 0.95
+    assert report.sweep("consistentee", [0.5], logits, labels, p)[0]["accuracy"] > 0.95
 
 
 @pytest.mark.parametrize("target", ["label", "full"])
@@ -124,9 +125,11 @@ def test_stage3_loss_is_taken_at_the_sampled_exits():
     assert logs["loss/cls"] == pytest.approx(ce1.item(), rel=1e-5)
 
 
-def test_stage3_losses_by_hand_with_mixed_sampled_exits():
+@pytest.mark.parametrize("reward", ["correct", "ce"])
+def test_stage3_losses_by_hand_with_mixed_sampled_exits(reward):
     """Stage 3's two losses written out by hand, input by input and trajectory by trajectory, for
-    policies that send the K sampled trajectories of each input to different layers."""
+    policies that send the K sampled trajectories of each input to different layers; the reward's
+    accuracy term is 1 if the exit head is right ("correct") or its -CE ("ce", the paper's)."""
     torch.manual_seed(0)
     B, L, K, alpha = 3, 3, 6, 0.1
     model = Encoder(Config(n_layer=L, n_head=2, n_embd=8, n_inner=16, vocab_size=10, block_size=8))
@@ -137,7 +140,7 @@ def test_stage3_losses_by_hand_with_mixed_sampled_exits():
     s, logits = torch.randn(B, L, 8), torch.randn(B, L, 2)
     labels, memorized = torch.tensor([0, 1, 1]), torch.tensor([1, 2, 3])
     torch.manual_seed(1)
-    loss, logs = cee.stage_loss(model, 3, s, logits, labels, memorized, alpha, K=K)
+    loss, logs = cee.stage_loss(model, 3, s, logits, labels, memorized, alpha, K=K, reward=reward)
     p = cee.policy_probs(model, s, logits).detach()  # (B, L)
     torch.manual_seed(1)
     exits, _ = rl.sample_exits(p, K)  # the same draws as inside stage_loss
@@ -149,8 +152,9 @@ def test_stage3_losses_by_hand_with_mixed_sampled_exits():
         for k in range(K):
             t = int(exits[k, b])
             cls += ce[b, t - 1, labels[b]].item() / (B * K)  # CE where this trajectory exits
-            right = float(logits[b, t - 1].argmax() == labels[b])
-            rewards.append(right - alpha * t * (1 - memorized[b].item() / L))
+            gain = (float(logits[b, t - 1].argmax() == labels[b]) if reward == "correct"
+                    else -ce[b, t - 1, labels[b]].item())
+            rewards.append(gain - alpha * t * (1 - memorized[b].item() / L))
             log_probs.append(sum(math.log(1 - p[b, j].item()) for j in range(t - 1))
                              + (math.log(p[b, t - 1].item()) if t < L else 0.0))
         mean = sum(rewards) / K  # the baseline: the mean reward of the input's K trajectories
@@ -158,6 +162,24 @@ def test_stage3_losses_by_hand_with_mixed_sampled_exits():
     assert logs["loss/cls"] == pytest.approx(cls, rel=1e-5)
     assert logs["loss/policy"] == pytest.approx(policy, rel=1e-4, abs=1e-6)
     assert loss.item() == pytest.approx(cls + policy, rel=1e-4, abs=1e-6)
+
+
+@pytest.mark.parametrize("estimator", ["reinforce", "exact"])
+def test_policy_loss_sends_no_gradient_into_the_backbone_states(estimator):
+    """The policy reads detached states: its loss moves the policies and nothing that made the
+    states (README, step 4). Stage 3's classification loss does reach the states and heads."""
+    torch.manual_seed(0)
+    model = Encoder(Config(n_layer=3, n_head=2, n_embd=8, n_inner=16, vocab_size=10, block_size=8))
+    s = torch.randn(4, 3, 8, requires_grad=True)  # stands for the backbone's exit states
+    logits = torch.randn(4, 3, 2, requires_grad=True)
+    labels, memorized = torch.tensor([0, 1, 1, 0]), torch.tensor([1, 2, 3, 3])
+    loss, _ = cee.stage_loss(model, 2, s, logits, labels, memorized, 0.1, estimator=estimator)
+    loss.backward()
+    assert s.grad is None and logits.grad is None  # nothing flows back into the backbone
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.policies.parameters())
+    loss, _ = cee.stage_loss(model, 3, s, logits, labels, memorized, 0.1, estimator=estimator)
+    loss.backward()
+    assert s.grad is None and logits.grad.abs().sum() > 0  # only the heads' CE reaches them
 
 
 def test_stage2_trains_the_policies_alone(tmp_path):
@@ -171,7 +193,8 @@ def test_stage2_trains_the_policies_alone(tmp_path):
                                "label": [i % 2 for i in range(16)]})
     task = tasks.Task({"train_rl": split}, None, tasks.text_outputs, 1, 64, True)
     train_pass = tasks.all_layers(task, model, split, "cpu")
-    memorized = train.memorized_of(*train_pass[1:], train.TrainConfig())
+    memorized = train.memorized_of(train_pass.logits, train_pass.labels,
+                                 train.TrainConfig())
     before = {k: v.clone() for k, v in model.state_dict().items()}
     cfg = train.TrainConfig(out_dir=str(tmp_path), device="cpu", batch_size=4, lr2=1e-2)
     train.run_stage(model, 2, task, cfg, memorized, train_pass, alpha=0.1, resumable=False)
