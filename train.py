@@ -110,6 +110,10 @@ class TrainConfig:
     llm_new_tokens: int = 48     # tokens per reply at most
     llm_agreement: float = 0.9   # alpha picked: the fastest on validation whose tokens are full
                                  # depth's this often
+    llm_quality: float = 1.3     # and generating: full depth's NLL of the policy's validation
+                                 # replies at most this times that of its own replies
+    llm_coverage: float = 0.95   # the exits' vocabulary: the smallest shortlist holding this share
+                                 # of full depth's validation tokens
 
 
 # --task=lm: a small decoder learns from scratch, with a higher learning rate, a warm-up and beta2
@@ -166,6 +170,8 @@ def parse_args(argv):
         (min(cfg.llm_train, cfg.llm_validation, cfg.llm_test, cfg.llm_new_tokens) >= 2,
          "--llm_train, --llm_validation, --llm_test and --llm_new_tokens must be >= 2"),
         (0 < cfg.llm_agreement <= 1, "--llm_agreement must lie in (0, 1]"),
+        (cfg.llm_quality >= 1, "--llm_quality must be >= 1"),
+        (0 < cfg.llm_coverage <= 1, "--llm_coverage must lie in (0, 1]"),
         (cfg.task != "smollm2" or not cfg.policy_conf,
          "--task=smollm2 needs --policy_conf=false: a 49,152-token head at every layer costs as "
          "much as 8 layers"),

@@ -244,9 +244,10 @@ def first_line(e):
     return (str(e).splitlines() or [type(e).__name__])[0]
 
 
-def load_weights(model, keys, key_map, path):
+def load_weights(model, keys, key_map, path, quiet=False):
     """
     Copy checkpoint tensors into model by key_map; name any missing, unexpected or mis-shaped key.
+    Unless quiet, says in one line how many it copied and which parts it left freshly initialised.
     """
     params = model.state_dict()
     used = set()
@@ -275,5 +276,6 @@ def load_weights(model, keys, key_map, path):
         raise ValueError(f"{path}: unexpected key {unexpected[0]!r} ({len(unexpected)} in all) for "
                          f"{type(model).__name__}")
     fresh = sorted({k.split(".")[0] for k in params if k not in key_map and k != "lm_head.weight"})
-    print(f"loaded {len(key_map)} tensors from {path}; "
-          f"freshly initialised: {', '.join(fresh) or 'nothing'}", file=sys.stderr)
+    if not quiet:
+        print(f"loaded {len(key_map)} tensors from {path}; "
+              f"freshly initialised: {', '.join(fresh) or 'nothing'}", file=sys.stderr)

@@ -122,3 +122,75 @@ def test_interleaved_pairs_each_input_and_sums_its_medians():
     assert bench.interleaved(fa, fb, 3, lambda: clock[0]) == pytest.approx((1 + 3) / (2 + 4))
     assert calls == ["a0", "b0", "a1", "b1"] * 4
     assert bench.interleaved(work("a", 3), work("b", 2), 2, lambda: clock[0]) == pytest.approx(1.5)
+
+
+def tiny_llama_for_decoding():
+    """A small random Llama-style decoder as generate.py runs it: a shortlist head, policies that
+    send tokens out at different layers."""
+    torch.manual_seed(0)
+    model = Decoder(Config(n_layer=4, n_head=2, n_kv_head=1, n_embd=64, n_inner=128,
+                           vocab_size=512, block_size=64, rope_theta=100.0, norm="rms",
+                           gated_mlp=True, bias=False, act="silu", ln_eps=1e-5, dropout=0.0,
+                           exit_adapters=True)).eval()
+    with torch.no_grad():
+        for pol in model.policies:
+            pol.net[-1].weight.normal_(0, 3.0)
+    model.set_shortlist(torch.arange(0, 512, 3))
+    return model.for_decoding()
+
+
+@pytest.mark.parametrize("kw,parts", [
+    ({}, {"prefill", "layers", "head_full"}),
+    (dict(exit="policy"), {"prefill", "layers", "head_exits", "policies", "state_copying"}),
+    (dict(exit="policy", kv="defer"), {"prefill", "layers", "head_exits", "policies"}),
+    (dict(exit="speculative"), {"prefill", "drafts", "verification"}),
+])
+def test_time_split_parts_add_up_to_the_total_and_cover_most_of_it(kw, parts):
+    model = tiny_llama_for_decoding()
+    idxs = [torch.randint(0, 512, (1, 6), generator=torch.Generator().manual_seed(i))
+            for i in range(3)]
+    seconds, calls, tokens = bench.time_split(model, idxs, 12, bench.timer("cpu"), **kw)
+    named = {k: v for k, v in seconds.items() if k not in ("other", "total")}
+    assert parts <= set(named) and tokens == 3 * 12 and calls["prefill"] == 3
+    assert sum(named.values()) + seconds["other"] == pytest.approx(seconds["total"], rel=1e-12)
+    assert sum(named.values()) >= 0.9 * seconds["total"]
+
+
+def test_timed_parts_leave_generation_alone_and_unwrap():
+    import generate
+    model = tiny_llama_for_decoding()
+    idx = torch.randint(0, 512, (1, 6), generator=torch.Generator().manual_seed(0))
+    functions = generate.step, generate.prefill
+    want = [generate.generate(model, idx, 10, exit)[0] for exit in ("policy", "speculative")]
+    with bench.timed_parts(model, bench.timer("cpu"), speculative=True) as (seconds, _):
+        got = [generate.generate(model, idx, 10, exit)[0] for exit in ("policy", "speculative")]
+    assert all(torch.equal(a, b) for a, b in zip(want, got)) and seconds["drafts"] > 0
+    for name in ("run_layer", "exit_logits", "copy_state_up", "folded_kv"):  # the class's again
+        assert name not in vars(model) and getattr(model, name).__func__ is getattr(Decoder, name)
+    assert not any("forward" in vars(pol) for pol in model.policies)
+    assert (generate.step, generate.prefill) == functions
+
+
+@pytest.mark.parametrize("c,a,gamma,v,tokens,speedup", [
+    (0.5, 0.5, 2, 1.0, 1 + 0.5 + 0.25, 1.75 / (2 * 0.5 + 1.0)),
+    (0.25, 0.8, 4, 1.1, (1 - 0.8 ** 5) / 0.2, 3.3616 / 2.1),
+    (0.2, 1.0, 4, 1.2, 5, 5 / 2.0),  # every draft kept: gamma + 1 tokens a round
+    (0.3, 0.0, 3, 1.0, 1, 1 / 1.9),  # none kept: the verification's token alone
+])
+def test_speculative_cost_model_by_hand(c, a, gamma, v, tokens, speedup):
+    got = bench.speculative_cost_model(c, a, gamma, v)
+    assert got["tokens_per_round"] == pytest.approx(tokens)
+    assert got["predicted_speedup"] == pytest.approx(speedup)
+    assert (got["c"], got["a"], got["gamma"], got["v"]) == (c, a, gamma, v)
+
+
+def test_weight_bytes_per_token_by_hand():
+    """GPT-2 shape, width 16, 2 layers, 50 tokens, tied head; float32."""
+    model = Decoder(Config(n_layer=2, n_head=2, n_embd=16, n_inner=32, vocab_size=50,
+                           block_size=8))
+    # a block: ln_1 and ln_2 (16 + 16 each), qkv 16 x 48 + 48, proj 16 x 16 + 16,
+    # fc 16 x 32 + 32, proj 32 x 16 + 16; then ln_f 16 + 16 and the head 50 x 16 (once)
+    block = 2 * 32 + (16 * 48 + 48) + (16 * 16 + 16) + (16 * 32 + 32) + (32 * 16 + 16)
+    want = 4 * (2 * block + 32 + 50 * 16)
+    assert bench.weight_bytes_per_token(model) == want == 21_120
+    assert bench.weight_bytes_per_token(model.for_decoding()) == want  # the same weights

@@ -10,7 +10,9 @@ import torch
 
 import cee
 import generate
-from model import Config, Decoder, Encoder
+import tokenizer
+from common import load_model
+from model import Config, Decoder, Encoder, TransposedLinear
 
 transformers = pytest.importorskip("transformers")
 
@@ -131,6 +133,49 @@ def test_deferred_fill_generates(gpt2_dir, exit):
         assert torch.equal(new, full) and torch.equal(copied, full)
 
 
+# full depth, state copying, deferred fill, self-speculative
+DECODE_MODES = [("none", "copy"), ("policy", "copy"), ("policy", "defer"), ("speculative", "defer")]
+
+
+def assert_decodes_as_plain(model, idx, exit, kv):
+    """
+    model.for_decoding() against model, a Decoder with exit adapters, whose adapters and policies
+    this first sets to random values (mixed_exits): logits within 1e-4 (the full forward, and the
+    exit head of a middle layer), greedy generation token for token the same, and model untouched.
+    """
+    mixed_exits(model)
+    with torch.no_grad():  # adapters off the identity, so that each layer's exit head differs
+        for a in model.adapters:
+            a.weight.add_(0.3 * torch.randn_like(a.weight))
+            a.bias.normal_(0, 0.3)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    fast = model.for_decoding()
+    assert isinstance(fast.lm_head, TransposedLinear) and isinstance(fast.adapters[0],
+                                                                     TransposedLinear)
+    assert not any(isinstance(m, TransposedLinear) for m in model.modules())
+    l = (model.config.n_layer - 1) // 2  # a middle layer, 0-based, with its adapter
+    with torch.no_grad():
+        torch.testing.assert_close(fast(idx)[0], model(idx)[0], atol=1e-4, rtol=0)
+        state, fast_state = model.layer_states(idx)[l + 1], fast.layer_states(idx)[l + 1]
+        torch.testing.assert_close(fast.exit_logits(fast_state, l), model.exit_logits(state, l),
+                                   atol=1e-4, rtol=0)
+    want, stats = generate.generate(model, idx, 12, exit, kv=kv)
+    got, fast_stats = generate.generate(fast, idx, 12, exit, kv=kv)
+    assert torch.equal(got, want) and fast_stats["mean_exit_layer"] == stats["mean_exit_layer"]
+    if exit != "none":  # tokens did exit early: the exit paths ran on the decode layout
+        assert stats["mean_exit_layer"] < model.config.n_layer
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    if model.config.tie_lm_head:  # still one tensor in model; fast's head has its own copy
+        assert model.lm_head.weight is model.wte.weight
+        assert fast.lm_head.wt.data_ptr() != fast.wte.weight.data_ptr()
+
+
+@pytest.mark.parametrize("exit,kv", DECODE_MODES)
+def test_decoding_layout_equals_the_plain_model(gpt2_dir, exit, kv):
+    model = Decoder.from_pretrained(gpt2_dir, exit_adapters=True).eval()
+    assert_decodes_as_plain(model, prompt(), exit, kv)
+
+
 def test_policy_and_confidence_exits_report_depth(gpt2_dir):
     model = Decoder.from_pretrained(gpt2_dir).eval()
     with torch.no_grad():
@@ -196,6 +241,81 @@ def test_speculative_sampling_draws_from_the_full_model():
     assert (full - spec).abs().sum(1).max() / 2 < 0.06  # ...speculative sampling is not
 
 
+@pytest.mark.parametrize("exit,kv,threshold", [
+    ("none", "copy", 0.5), ("policy", "copy", 0.5), ("policy", "defer", 0.5),
+    ("confidence", "copy", 0.0), ("speculative", "defer", 0.5)])  # 0.0: any head is confident
+def test_exits_one_per_new_token(gpt2_dir, exit, kv, threshold):
+    model = mixed_exits(Decoder.from_pretrained(gpt2_dir).eval())
+    new, stats = generate.generate(model, prompt(), 20, exit, threshold, kv=kv)
+    exits = stats["exits"]
+    assert len(exits) == new.size(1) == 20 and exits[0] == 4 and all(1 <= e <= 4 for e in exits)
+    if exit == "none":
+        assert exits == [4] * 20
+    elif exit == "speculative":  # an accepted draft's layer, or 4 for the verification's token
+        assert len(set(exits)) > 1
+    else:  # mean_exit_layer leaves out the first token, which the prompt's pass gives
+        assert sum(exits[1:]) / 19 == stats["mean_exit_layer"] and len(set(exits)) > 1
+    stop = new[0, 9].item()  # generation ends at a stop token: exits end with it
+    new, stats = generate.generate(model, prompt(), 20, exit, threshold, kv=kv, stop=stop)
+    assert new[0, -1] == stop and len(stats["exits"]) == new.size(1) <= 10
+
+
+def test_mark_exits_plain_and_colour():
+    pieces, exits = ["The", " movie", " was", ""], [3, 12, 1, 7]
+    assert generate.mark_exits(pieces, exits, 12, False) == "The[3] movie[12] was[1][7]"
+    line, legend = generate.mark_exits(pieces, exits, 12, True).split("\n")
+    # layers 1-3 green, 11-12 red (24-bit backgrounds), in five ranges of layers
+    assert line.startswith("\x1b[38;2;0;0;0;48;2;0;200;0mThe\x1b[0m")
+    assert "\x1b[38;2;0;0;0;48;2;230;0;0m movie\x1b[0m" in line
+    assert legend.startswith("exit layer: ") and legend.endswith(" of 12")
+    for r in (" 1-3 ", " 4-5 ", " 6-8 ", " 9-10 ", " 11-12 "):
+        assert f"m{r}\x1b[0m" in legend
+    assert " 4 " in generate.mark_exits(["a"], [4], 4, True)  # one layer per colour
+
+
+def test_token_pieces_keep_split_characters_whole():
+    enc = tokenizer.gpt2_tokenizer()
+    ids = enc.encode("I 🤗 café")  # 🤗 is f0 9f a4 97: " \xf0\x9f", "\xa4", "\x97"
+    assert ids == [40, 12520, 97, 245, 40304]
+    assert generate.token_pieces(enc, ids) == ["I", " ", "", "🤗", " café"]
+    assert [enc.decode([t]) for t in ids][1:4] == [" \ufffd", "\ufffd", "\ufffd"]  # one at a time
+
+
+def tiny_llama_gguf(path):
+    """A one-layer Llama GGUF (C = 8, 2 heads, 10 tokens, tied head) of random weights."""
+    gguf = pytest.importorskip("gguf")
+    w = gguf.GGUFWriter(str(path), "llama")
+    for key, value in (("block_count", 1), ("embedding_length", 8), ("feed_forward_length", 16),
+                       ("context_length", 32), ("attention.head_count", 2)):
+        w.add_uint32(f"llama.{key}", value)
+    w.add_float32("llama.attention.layer_norm_rms_epsilon", 1e-5)
+    shapes = {"token_embd": (10, 8), "output_norm": (8,), "blk.0.attn_norm": (8,),
+              "blk.0.attn_q": (8, 8), "blk.0.attn_k": (8, 8), "blk.0.attn_v": (8, 8),
+              "blk.0.attn_output": (8, 8), "blk.0.ffn_norm": (8,), "blk.0.ffn_gate": (16, 8),
+              "blk.0.ffn_up": (16, 8), "blk.0.ffn_down": (8, 16)}
+    for name, shape in shapes.items():
+        w.add_tensor(f"{name}.weight", torch.randn(shape).numpy())
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def test_exits_checkpoint_load_says_what_it_loaded(tmp_path, capsys):
+    """A checkpoint of train.py --task=smollm2 (adapters and policies beside a GGUF): one line for
+    the GGUF, none calling the adapters and policies fresh, and the checkpoint's are loaded."""
+    tiny_llama_gguf(tmp_path / "tiny.gguf")
+    trained = Decoder.from_pretrained(tmp_path / "tiny.gguf", exit_adapters=True)
+    state = {k: torch.randn_like(v) for k, v in trained.state_dict().items()
+             if k.startswith(("adapters.", "policies."))}
+    torch.save({"model": state, "model_config": vars(trained.config),
+                "gguf": str(tmp_path / "tiny.gguf")}, tmp_path / "stage3.pt")
+    capsys.readouterr()
+    model, _ = load_model(str(tmp_path / "stage3.pt"), "generate.py", kind=Decoder)
+    assert capsys.readouterr().err == f"model: {tmp_path / 'tiny.gguf'} (the backbone, frozen)\n"
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
+
+
 def run(*args):
     return subprocess.run([sys.executable, generate.__file__, *args], capture_output=True,
                           text=True, timeout=300)
@@ -207,8 +327,26 @@ def test_cli_json(gpt2_dir):
     assert r.returncode == 0, r.stderr[-2000:]
     out = json.loads(r.stdout)  # the whole output is one JSON object
     assert set(out) == {"text", "tokens", "tokens_per_s", "mean_exit_layer", "agreement_with_full",
-                        "accepted_per_draft"}
+                        "accepted_per_draft", "exits", "tokens_text"}
     assert out["tokens"] == 8 and out["agreement_with_full"] == 1.0 and out["tokens_per_s"] > 0
+    assert len(out["exits"]) == len(out["tokens_text"]) == 8 and out["exits"][-1] == 4
+    assert "".join(out["tokens_text"]) == out["text"] and "exit policies untrained" in r.stderr
+
+
+def test_cli_show_exits_piped(gpt2_dir, tmp_path):
+    """Not a terminal: each token of the reply with its exit layer in brackets, no colours; the
+    same layers and pieces as --json gives."""
+    model = mixed_exits(Decoder.from_pretrained(gpt2_dir))
+    ckpt = tmp_path / "lm.pt"
+    torch.save({"model": model.state_dict(), "model_config": vars(model.config)}, ckpt)
+    args = [f"--ckpt={ckpt}", "--prompt=The film was", "--exit=policy", "--max_new_tokens=8"]
+    shown, js = run(*args, "--show_exits"), run(*args, "--json")
+    assert shown.returncode == 0 and js.returncode == 0, shown.stderr[-2000:] + js.stderr[-2000:]
+    out = json.loads(js.stdout)
+    assert len(out["exits"]) == len(out["tokens_text"]) == out["tokens"] == 8
+    assert out["exits"][0] == 4 and len(set(out["exits"])) > 1  # the first: the prompt's pass
+    marked = "".join(f"{p}[{e}]" for p, e in zip(out["tokens_text"], out["exits"]))
+    assert shown.stdout.startswith("The film was" + marked + "\n") and "\x1b[" not in shown.stdout
 
 
 @pytest.mark.parametrize("args,msg", [

@@ -2,20 +2,21 @@
 head tables and the exit rules read from them, folding the standardizer into the policies, the
 checkpoint of adapters and policies, and one small run of the whole pipeline on SmolLM2."""
 import json
+import math
 import os
 import subprocess
 import sys
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import cee
 import data
 import llm
+import replies
 import report
 from common import load_model
-from model import Config, Decoder
+from model import Config, Decoder, confidence
 from train import TrainConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -32,11 +33,14 @@ def tiny_llama():
     return model
 
 
-def test_taken_exits_loss_is_the_dense_consistent_loss_where_heads_learn():
+@pytest.mark.parametrize("shortlist", [None, torch.arange(0, 50, 2)])
+def test_taken_exits_loss_is_the_dense_consistent_loss_where_heads_learn(shortlist):
     """Each head run only on the inputs that exit at its layer gives the same loss and the same
-    gradients as (share * CE).sum(1).mean() over every head, the frozen last head left out."""
+    gradients as (share * CE).sum(1).mean() over every head, the frozen last head left out; with a
+    shortlist, over the inputs whose label an exit can say (the others teach an exit nothing)."""
     model = tiny_llama()
-    s, labels = torch.randn(6, 4, 16), torch.randint(0, 50, (6,))
+    model.set_shortlist(shortlist)
+    s, labels = torch.randn(6, 4, 16), torch.tensor([4, 7, 10, 13, 22, 30])  # odd: not in the list
     share = torch.tensor([[1, 0, 0, 0], [0, .5, .5, 0], [0, 0, 0, 1], [.25, 0, .25, .5],
                           [0, 1, 0, 0], [0, 0, 1, 0]])
     sparse = llm.taken_exits_loss(model, s, share, labels)
@@ -44,7 +48,7 @@ def test_taken_exits_loss_is_the_dense_consistent_loss_where_heads_learn():
     got = [a.weight.grad.clone() for a in model.adapters]
     model.zero_grad()
     logits = torch.stack([model.exit_logits(s[:, l], l) for l in range(4)], 1)
-    ce = cee.exit_ce(logits, labels)
+    ce = cee.exit_ce(logits, labels).nan_to_num(posinf=0.0)  # labels outside the list: 0
     dense = (share[:, :3] * ce[:, :3]).sum(1).mean()
     dense.backward()
     torch.testing.assert_close(sparse, dense)
@@ -52,14 +56,79 @@ def test_taken_exits_loss_is_the_dense_consistent_loss_where_heads_learn():
         torch.testing.assert_close(g, a.weight.grad)
 
 
-def test_prompts_are_disjoint_varied_and_seeded():
-    p = data.chat_prompts(240, 32, 40, 1337)
+def test_prompts_are_disjoint_varied_seeded_and_hold_kinds_out_of_training():
+    p, kinds = data.chat_prompts(240, 32, 40, 1337)
     assert [len(p[k]) for k in ("train", "validation", "test")] == [240, 32, 40]
     assert len(set(p["train"] + p["validation"] + p["test"])) == 312
-    assert sum("movie review" in text for text in p["test"]) == 20  # half of them, in turn
-    assert data.chat_prompts(240, 32, 40, 1337) == p and data.chat_prompts(240, 32, 40, 1) != p
-    with pytest.raises(ValueError, match="577 prompts asked for; there are 576 at most"):
-        data.chat_prompts(500, 40, 37, 0)
+    assert set(kinds["train"]) == set(data.TRAINING_KINDS)  # 48 of each, in turn
+    assert set(kinds["test"]) == set(data.TRAINING_KINDS + data.HELD_OUT_KINDS)
+    assert kinds["test"][:7] == list(data.TRAINING_KINDS + data.HELD_OUT_KINDS)
+    assert sum("movie review" in text for text in p["test"]) == 6
+    assert sum(text.startswith("Translate into") for text in p["train"]) == 0
+    assert data.chat_prompts(240, 32, 40, 1337)[0] == p
+    assert data.chat_prompts(240, 32, 40, 1)[0] != p
+    with pytest.raises(ValueError, match="90 test prompts need 13 of kind fact, and 1 is left"):
+        data.chat_prompts(240, 80, 90, 0)
+
+
+def test_shortlist_head_is_the_full_head_on_its_rows():
+    """An early exit's logits over the shortlist are the full head's there, -inf elsewhere; full
+    depth keeps the whole head; the confidence rules read finite numbers."""
+    model, x = tiny_llama(), torch.randn(3, 16)
+    full = [model.exit_logits(x, l) for l in range(4)]
+    ids = torch.tensor([1, 5, 9, 33, 49])
+    model.set_shortlist(ids)
+    for l in range(3):
+        short = model.exit_logits(x, l)
+        torch.testing.assert_close(short[:, ids], full[l][:, ids])
+        assert torch.isinf(short).sum() == 3 * 45 and torch.isin(short.argmax(-1), ids).all()
+        assert torch.isfinite(torch.stack(confidence(short))).all()
+    assert torch.equal(model.exit_logits(x, 3), full[3])
+    assert torch.equal(model.exit_logits(x), full[3])
+    assert model.in_shortlist(torch.tensor([5, 6])).tolist() == [True, False]
+    model.set_shortlist(None)
+    assert torch.equal(model.exit_logits(x, 1), full[1])
+
+
+@pytest.mark.parametrize("exit", ["policy", "speculative"])
+def test_speculative_stays_full_depths_greedy_with_shortlist_drafts(exit):
+    """Drafts from shortlist heads, verified by the whole head: still full depth's tokens; policy
+    exits say only shortlist tokens where they exit."""
+    import generate
+    model = tiny_llama()
+    with torch.no_grad():
+        for pi in model.policies:  # exit often
+            pi.net[2].bias.fill_(2.0)
+    model.set_shortlist(torch.arange(0, 50, 3))
+    idx = torch.randint(0, 50, (1, 4), generator=torch.Generator().manual_seed(0))
+    full, _ = generate.generate(model, idx, 10)
+    new, stats = generate.generate(model, idx, 10, exit, kv="defer")
+    assert stats["mean_exit_layer"] < 4
+    if exit == "speculative":
+        assert torch.equal(new, full)
+    else:
+        assert not torch.equal(new, full)
+
+
+def test_pick_shortlist_by_hand():
+    """Ranked by frequency, the end-of-turn token kept whatever its rank; the smallest size whose
+    list holds the coverage asked of full depth's tokens."""
+    freq = torch.arange(20000, 0, -1).double()  # token 0 the most frequent
+    pairs = [([7], [0, 1, 2, 3000, 19999]), ([7], [5000, 9000, 10])]
+    ids, held = replies.pick_shortlist(freq, pairs, [19999], 0.75)
+    assert held == pytest.approx({2048: 5 / 8, 4096: 6 / 8, 8192: 7 / 8, 16384: 1.0})
+    assert len(ids) == 4096 and 19999 in ids and 4095 not in ids and 4094 in ids
+    assert len(replies.pick_shortlist(freq, pairs, [19999], 0.99)[0]) == 16384
+
+
+def test_reply_nll_and_repeated_3grams_by_hand():
+    assert replies.repeated_3grams([1, 2, 3, 1, 2, 3]) == pytest.approx(1 / 4)
+    assert replies.repeated_3grams([1, 2]) == 0 and replies.repeated_3grams([4, 4, 4, 4]) == 0.5
+    model = tiny_llama()
+    idx, new = torch.tensor([[3, 4, 5]]), torch.tensor([[6, 7]])
+    logits, _ = model(torch.tensor([[3, 4, 5, 6]]))
+    want = -(logits[0, 2].log_softmax(-1)[6] + logits[0, 3].log_softmax(-1)[7]) / 2
+    assert replies.reply_nll(model, idx, new) == pytest.approx(want.item(), rel=1e-5)
 
 
 def test_first_layer_and_point_by_hand():
@@ -71,18 +140,23 @@ def test_first_layer_and_point_by_hand():
     assert m["avg_layers"] == pytest.approx(4 / 3) and m["speedup"] == pytest.approx(9 / 4)
 
 
-def test_rules_on_head_tables_equal_sweeps_of_every_heads_logits():
+@pytest.mark.parametrize("shortlist", [None, torch.arange(0, 50, 3)])
+def test_rules_on_head_tables_equal_sweeps_of_every_heads_logits(shortlist):
     """The tables keep what the exit rules read; exits and figures equal report.sweep's on the full
-    logits, for every rule and knob."""
+    logits, for every rule and knob; with a shortlist, read on its own columns, the same as on the
+    logits spread over the vocabulary (full depth's token outside it: CE log V, not infinity)."""
     model = tiny_llama()
+    model.set_shortlist(shortlist)
     s = 3 * torch.randn(200, 4, 16)
     t = llm.head_tables(model, s, chunk=64)
     with torch.no_grad():
         logits = torch.stack([model.exit_logits(s[:, l], l) for l in range(4)], 1)
     full = logits[:, -1].argmax(-1)
+    ce = cee.exit_ce(logits, full).nan_to_num(posinf=math.log(50))
+    assert shortlist is None or (ce == math.log(50)).any()
     assert torch.equal(t.preds, logits.argmax(-1))
-    torch.testing.assert_close(t.ce, cee.exit_ce(logits, full))
-    torch.testing.assert_close(t.gain("ce"), cee.exit_gain(logits, full, "ce"))
+    torch.testing.assert_close(t.ce, ce)
+    torch.testing.assert_close(t.gain("ce"), -ce)
     assert torch.equal(t.gain("correct"), cee.exit_gain(logits, full, "correct"))
     assert torch.equal(t.memorized(), cee.memorized_layer(logits.argmax(-1), full))
     p = torch.rand(200, 4)
@@ -143,7 +217,7 @@ def test_smollm2_pipeline_end_to_end(tmp_path):
     report; generate.py chats with it, and speculative decoding there is full depth's greedy;
     bench.py measures it."""
     out = str(tmp_path / "sm")
-    r = run("train.py", "--task=smollm2", "--llm_train=6", "--llm_validation=2", "--llm_test=2",
+    r = run("train.py", "--task=smollm2", "--llm_train=6", "--llm_validation=2", "--llm_test=7",
             "--llm_new_tokens=8", "--alphas=0.02", "--epochs2=2", f"--out_dir={out}")
     assert r.returncode == 0, r.stderr[-2000:]
     rep = json.load(open(os.path.join(out, "report.json")))
@@ -151,6 +225,10 @@ def test_smollm2_pipeline_end_to_end(tmp_path):
     assert rep["agreement_by_layer"]["stage1"][-1] == 1.0
     assert rep["oracle"]["stage1"] >= 1.0 and len(rep["agreement_by_layer"]["plain"]) == 30
     assert os.path.getsize(os.path.join(out, "stage3.pt")) < 50e6
+    assert rep["shortlist"]["size"] in replies.SHORTLISTS  # the exits' vocabulary, saved
+    assert len(torch.load(f"{out}/stage3.pt")["shortlist"]) == rep["shortlist"]["size"]
+    held_out = rep["generated_test"]["held-out kinds"]
+    assert held_out["prompts"] == 2 and held_out["nll_policy"] > 0 and held_out["nll_full"] > 0
     texts = {}
     for exit in ("none", "speculative", "policy"):
         r = run("generate.py", f"--ckpt={out}/stage3.pt", "--chat", "--prompt=Name a color.",
@@ -164,6 +242,8 @@ def test_smollm2_pipeline_end_to_end(tmp_path):
     assert b["smollm2_speculative_identical"] is True
     assert 0 <= b["smollm2_policy_agreement"] <= 1 and b["smollm2_oracle_speedup"] >= 1
     assert b["smollm2_policy_exit_speedup"] > 0 and b["smollm2_speculative_speedup"] > 0
+    assert b["smollm2_policy_reply_nll"] > 0 and b["smollm2_full_reply_nll_held_out_kinds"] > 0
+    assert 0 <= b["smollm2_policy_repeat_3gram"] <= 1
     r = run("train.py", "--task=smollm2", "--stage=2", f"--out_dir={out}")
     assert r.returncode != 0 and r.stderr.strip().splitlines() == [
         "train.py: --task=smollm2 runs its three stages in one process (--stage, --resume and "

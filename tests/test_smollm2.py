@@ -12,6 +12,7 @@ import tokenizer
 import generate
 import llm
 from model import Config, Decoder
+from test_generate import DECODE_MODES, assert_decodes_as_plain
 
 transformers = pytest.importorskip("transformers")
 
@@ -59,6 +60,17 @@ def test_random_llama_greedy_generation_equals_transformers(tmp_path):
             pol.net[-1].bias.normal_(0, 3)
     spec, stats = generate.generate(ours, idx, 20, "speculative")
     assert torch.equal(spec, want) and stats["mean_exit_layer"] < 3
+
+
+@pytest.mark.parametrize("kw", [dict(num_key_value_heads=2, tie_word_embeddings=True),
+                                dict(num_key_value_heads=1, attention_bias=True, mlp_bias=True)],
+                         ids=["gqa-tied", "mqa-bias"])
+@pytest.mark.parametrize("exit,kv", DECODE_MODES)
+def test_random_llama_decoding_layout_equals_the_plain_model(tmp_path, kw, exit, kv):
+    random_llama(tmp_path, **kw)
+    model = Decoder.from_pretrained(tmp_path, exit_adapters=True).eval()
+    idx = torch.randint(0, 100, (1, 5), generator=torch.Generator().manual_seed(2))
+    assert_decodes_as_plain(model, idx, exit, kv)
 
 
 # -----------------------------------------------------------------------------
