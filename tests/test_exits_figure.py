@@ -1,22 +1,17 @@
 """docs/exits.py: the token-exit figure is written from two of generate.py's JSON reports, and its
 layout wraps, breaks and cuts token pieces where it should (no model needed)."""
 
-import importlib.util
 import os
 import struct
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from test_method_figure import doc_script
 
 
 @pytest.fixture(scope="module")
 def exits():
-    spec = importlib.util.spec_from_file_location("exits_figure",
-                                                  os.path.join(ROOT, "docs", "exits.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return doc_script("exits")
 
 
 def report(pieces, exits, tokens_per_s):

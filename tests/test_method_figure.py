@@ -9,13 +9,18 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(scope="module")
-def method():
-    spec = importlib.util.spec_from_file_location("method_figure",
-                                                  os.path.join(ROOT, "docs", "method.py"))
+def doc_script(name):
+    """A script of docs/ (docs/NAME.py), imported as a module: docs/ is no package."""
+    spec = importlib.util.spec_from_file_location(f"{name}_figure",
+                                                  os.path.join(ROOT, "docs", f"{name}.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture(scope="module")
+def method():
+    return doc_script("method")
 
 
 def test_draw_writes_a_png(method, tmp_path):
