@@ -19,10 +19,10 @@ LOG = {"path": None}  # the run's log file, out_dir/train.log, once log_to() nam
 
 def log_to(path, fresh=True):
     """Write every log() line to path too, the run's full record; fresh: start the file anew."""
-    LOG["path"] = path
+    LOG["path"] = os.path.abspath(path)
     if MASTER and fresh:
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        open(path, "w").close()
+        os.makedirs(os.path.dirname(LOG["path"]), exist_ok=True)
+        open(LOG["path"], "w").close()
 
 
 def log(*args, console=True):
@@ -32,6 +32,7 @@ def log(*args, console=True):
         return
     line = " ".join(str(a) for a in args)
     if LOG["path"]:
+        os.makedirs(os.path.dirname(LOG["path"]), exist_ok=True)  # a run may remove its out_dir
         with open(LOG["path"], "a") as f:
             print(line, file=f)
     if console:
