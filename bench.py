@@ -35,7 +35,13 @@ the two alternate input by input, and each input's medians are summed.
                                layers, the heads, the policies, state copying; drafts and
                                verification; other; total) at full depth, with policy exits (and
                                again without the shortlist) and speculative; smollm2_head_share
-  smollm2_speculative_cost_model  c, a, gamma, v and the speed-up they predict (Leviathan et al.)
+  smollm2_threshold_curve      policy exits at thresholds 0.9, 0.95, 0.99, each with deferred fill
+                               and with state copying: speed-up, full depth's NLL of the replies
+                               over its own replies' (nll_ratio), agreement, mean exit layer
+  smollm2_speculative_cost_model  c, a, gamma, v and the speed-up they predict (Leviathan et al.);
+                               smollm2_speculative_drafts, the drafts' threshold and length
+  smollm2_rows_cost            a block's matrix products on k rows / on one row, k = 1, 2, 4, 8:
+                               what batching rows (deferred fill, verification) costs here
   smollm2_full_over_bandwidth_limit  full depth's tokens/s / (memory_bandwidth_gbs /
                                smollm2_bytes_per_token_mb): 1 = as fast as reading the weights
 Without a checkpoint the model is all-MiniLM-L6-v2's shape with random weights, and policies scaled
@@ -45,18 +51,18 @@ import json
 import os
 import statistics
 import sys
-import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 
 import torch
+from torch import nn
 
 import cee
 import data
 import tokenizer
-from common import load_model, overrides, pick_device
-from model import Config, Decoder, Encoder, unpack
+from common import load_model, overrides, pick_device, timed_runs, timer
+from model import Config, Decoder, Encoder, TransposedLinear, unpack
 
 PROG = "bench.py"
 
@@ -87,15 +93,6 @@ def parse_args(argv):
 # timing: ratios of interleaved medians
 
 
-def timer(device):
-    """A clock that waits for queued device work, so a timing covers what it claims to."""
-    def now():
-        if device == "cuda":
-            torch.cuda.synchronize()
-        return time.perf_counter()
-    return now
-
-
 def interleaved(fa, fb, repeats, now):
     """
     Median time of fa / median time of fb, the two run alternately after one warm-up each. fa and
@@ -105,28 +102,6 @@ def interleaved(fa, fb, repeats, now):
     """
     (ta, tb), _ = timed_runs([fa, fb], repeats, now)
     return ta / tb
-
-
-def timed_runs(fs, repeats, now, warmup=True):
-    """
-    interleaved() for any number of sides: fs, each a function or a list of one function per
-    input, run input by input, side after side. Returns (each side's sum over inputs of its
-    median time, each side's outputs of the last repeat: a list, one per input).
-    """
-    fs = [[f] if callable(f) else list(f) for f in fs]
-    times = [[[] for _ in side] for side in fs]
-    outputs = [[None] * len(side) for side in fs]
-    if warmup:
-        for group in zip(*fs, strict=True):
-            for f in group:
-                f()
-    for _ in range(repeats):
-        for i, group in enumerate(zip(*fs, strict=True)):
-            for j, f in enumerate(group):
-                t0 = now()
-                outputs[j][i] = f()
-                times[j][i].append(now() - t0)
-    return [sum(map(statistics.median, side)) for side in times], outputs
 
 
 # -----------------------------------------------------------------------------
@@ -254,12 +229,19 @@ def smollm2_generation(device, repeats, now, new_tokens=32):
     return {"smollm2_ours_over_hf_generate": ratio}
 
 
+# smollm2_threshold_curve: policy exits at each threshold, with either way of filling the
+# skipped layers (deferred fill, state copying)
+CURVE = [(t, kv) for kv in ("defer", "copy") for t in (0.9, 0.95, 0.99)]
+
+
 def smollm2_exits(ckpt, device, repeats, now, new_tokens=32):
     """
     The exits of train.py --task=smollm2 on its held-out (test) prompts: greedy replies of at most
-    32 tokens at full depth, with policy exits (state copying) and self-speculative, each prompt
-    run by the three in turn (timed_runs); the oracle's layer speed-up by teacher forcing on full
-    depth's replies, each token at the first layer whose head says what full depth does.
+    32 tokens at full depth, with policy exits at the checkpoint's threshold and kv and at each
+    (threshold, kv) of CURVE (the speed against the quality), and self-speculative with the
+    checkpoint's drafts, each prompt run by all of them in turn (timed_runs); the replies judged
+    by full depth; the oracle's layer speed-up by teacher forcing on full depth's
+    replies, each token at the first layer whose head says what full depth does.
     """
     import generate
     import llm
@@ -268,9 +250,9 @@ def smollm2_exits(ckpt, device, repeats, now, new_tokens=32):
             "smollm2_speculative_speedup", "smollm2_speculative_identical",
             "smollm2_oracle_speedup", "smollm2_policy_reply_nll", "smollm2_full_reply_nll",
             "smollm2_policy_repeat_3gram", "smollm2_full_repeat_3gram",
-            "memory_bandwidth_gbs", "smollm2_bytes_per_token_mb",
+            "smollm2_threshold_curve", "memory_bandwidth_gbs", "smollm2_bytes_per_token_mb",
             "smollm2_full_over_bandwidth_limit", "smollm2_time_per_token",
-            "smollm2_head_share", "smollm2_speculative_cost_model")
+            "smollm2_head_share", "smollm2_speculative_cost_model", "smollm2_rows_cost")
     if not ckpt and not os.path.isfile("out_smollm2/stage3.pt"):
         return {"smollm2_model": "out_smollm2/stage3.pt missing: run python train.py "
                                  "--task=smollm2"} | dict.fromkeys(keys)
@@ -281,46 +263,62 @@ def smollm2_exits(ckpt, device, repeats, now, new_tokens=32):
     model, saved = model.for_decoding(), state["config"]  # as generate.py runs it
     texts, kinds = data.chat_prompts(saved["llm_train"], saved["llm_validation"],
                                      saved["llm_test"], saved["seed"])
-    test = texts["test"]
     enc = tokenizer.gguf_tokenizer(state["gguf"])
     stop = enc.encode_single_token("<|im_end|>")
-    idxs = [replies.encode_chat(enc, text, device) for text in test]
-    picked = {k: state["generate"][k] for k in ("threshold", "kv")}  # on validation
-    gamma = generate.GenConfig.draft_len  # generate.py's default
-    modes = ({}, dict(exit="policy", **picked), dict(exit="speculative", draft_len=gamma, **picked))
+    idxs = [replies.encode_chat(enc, text, device) for text in texts["test"]]
+    picked = state["generate"]  # on validation; a checkpoint before the drafts' pick: generate.py's
+    drafts = dict(threshold=picked.get("draft_threshold", picked["threshold"]),
+                  draft_len=picked.get("draft_len", generate.GenConfig.draft_len))
+    curve = CURVE + [(picked["threshold"], picked["kv"])] * ((picked["threshold"],
+                                                              picked["kv"]) not in CURVE)
+    modes = [{}, dict(exit="speculative", **drafts)]
+    modes += [dict(exit="policy", threshold=t, kv=kv) for t, kv in curve]
     runs = [[partial(generate.generate, model, idx, new_tokens, stop=stop, **kw) for idx in idxs]
             for kw in modes]
     for run in runs:  # warm-up, not timed
         run[0]()
-    (t_full, t_policy, t_spec), (full, policy, spec) = timed_runs(runs, max(1, repeats // 9), now,
-                                                                  warmup=False)
-    agree = [generate.agreement_with_full(model, idx, new) * new.size(1)
-             for idx, (new, _) in zip(idxs, policy)]
+    seconds, results = timed_runs(runs, max(1, repeats // 9), now, warmup=False)
+    ours = 2 + curve.index((picked["threshold"], picked["kv"]))  # the picked policy exits
+    (t_full, t_spec, t_policy), (full, spec, policy) = zip(*[(seconds[j], results[j])
+                                                              for j in (0, 1, ours)])
+    judged = [[generate.judged_by_full(model, idx, new) for idx, (new, _) in zip(idxs, side)]
+              for side in results]  # (NLL, agreement) of each reply, by full depth
+    tokens = [[new.size(1) for new, _ in side] for side in results]
+    agreement = [sum(a * n for (_, a), n in zip(j, ns)) / sum(ns) for j, ns in zip(judged, tokens)]
+    nll = [statistics.mean(x for x, _ in j) for j in judged]
+    points = [{"threshold": t, "kv": kv, "speedup": t_full / s, "nll_ratio": n / nll[0],
+               "agreement": a, "mean_exit_layer": statistics.mean(st["mean_exit_layer"]
+                                                                  for _, st in r)}
+              for (t, kv), s, n, a, r in zip(curve, seconds[2:], nll[2:], agreement[2:],
+                                             results[2:])]
     pairs = [(idx[0].tolist(), new[0].tolist()) for idx, (new, _) in zip(idxs, full)]
     tables = llm.head_tables(model, replies.reply_states(model, pairs))
     quality = {}  # the replies judged by full depth: its NLL of them, their repeated 3-grams
-    for side, results in (("policy", policy), ("full", full)):
+    for side, replied, j in (("policy", policy, judged[ours]), ("full", full, judged[0])):
         for part, keep in (("", None), ("_held_out_kinds", data.HELD_OUT_KINDS)):
-            i = [j for j, k in enumerate(kinds["test"]) if keep is None or k in keep]
+            i = [k for k, kind in enumerate(kinds["test"]) if keep is None or kind in keep]
             if not i:  # a run too small to hold prompts of the held-out kinds
                 continue
-            quality[f"smollm2_{side}_reply_nll{part}"] = statistics.mean(
-                replies.reply_nll(model, idxs[j], results[j][0]) for j in i)
+            quality[f"smollm2_{side}_reply_nll{part}"] = statistics.mean(j[k][0] for k in i)
             quality[f"smollm2_{side}_repeat_3gram{part}"] = statistics.mean(
-                replies.repeated_3grams(results[j][0][0].tolist()) for j in i)
+                replies.repeated_3grams(replied[k][0][0].tolist()) for k in i)
     accepted = statistics.mean(st["accepted_per_draft"] for _, st in spec)
     # full depth's tokens/s of the timed runs above (each reply's prompt pass included)
-    full_per_s = sum(new.size(1) for new, _ in full) / t_full
+    full_per_s = sum(tokens[0]) / t_full
     quality |= smollm2_memory_limit(model, full_per_s, device, now)
-    quality |= smollm2_time_split(model, idxs[:3], new_tokens, now, stop, modes, accepted)
+    quality |= smollm2_time_split(model, idxs[:3], new_tokens, now, stop,
+                                  [modes[0], modes[ours], modes[1]], accepted)
+    quality["smollm2_rows_cost"] = rows_cost(model, now)
     return quality | {"smollm2_model": ckpt, "smollm2_policy_exit_speedup": t_full / t_policy,
-            "smollm2_policy_agreement": sum(agree) / sum(new.size(1) for new, _ in policy),
+            "smollm2_policy_agreement": agreement[ours],
             "smollm2_policy_mean_exit_layer": statistics.mean(st["mean_exit_layer"]
                                                               for _, st in policy),
             "smollm2_speculative_speedup": t_full / t_spec,
             "smollm2_speculative_identical": all(torch.equal(a, b)
                                                  for (a, _), (b, _) in zip(full, spec)),
             "smollm2_speculative_accepted_per_draft": accepted,
+            "smollm2_speculative_drafts": drafts,
+            "smollm2_threshold_curve": points,
             "smollm2_oracle_speedup": llm.oracle_speedup(tables)}
 
 
@@ -479,6 +477,32 @@ def memory_bandwidth_gbs(device, now, mb=512, repeats=5):
     return x.numel() * 4 / min(times[1:]) / 1e9
 
 
+def rows_cost(model, now, rows=(1, 2, 4, 8), repeats=20):  # rows: 1 among them
+    """
+    What k rows through a block's matrix products cost against one row, here: the time of every
+    linear layer of block 1 on k rows over its time on one, {k: ratio} (median of 5 timings of
+    `repeats` passes). Products bound by memory traffic read the weights once for any k (a ratio
+    near 1, as on a GPU); deferred fill and the verification of speculative decoding run several
+    rows at once and gain only as much as this is below k.
+    """
+    linears = [m for m in model.blocks[0].modules() if isinstance(m, (nn.Linear, TransposedLinear))]
+    device = model.wte.weight.device
+
+    def seconds(k):
+        xs = [torch.randn(1, k, m.weight.size(1), device=device) for m in linears]
+        times = []
+        for _ in range(5):
+            t0 = now()
+            for _ in range(repeats):
+                for m, x in zip(linears, xs):
+                    m(x)
+            times.append(now() - t0)
+        return statistics.median(times)
+    with torch.inference_mode():
+        times = {k: seconds(k) for k in rows}
+    return {k: t / times[1] for k, t in times.items()}
+
+
 def smollm2_memory_limit(model, full_tokens_per_s, device, now):
     """
     The physical limit of full depth at batch 1: every token reads all the weights once, so
@@ -524,8 +548,7 @@ def lm_generation(ckpt, device, repeats, now, new_tokens=96):
         out[f"{name}_mean_exit_layer"] = statistics.mean(st["mean_exit_layer"] for _, st in results)
         if name.startswith("policy"):
             out[name.replace("exit", "agreement")] = statistics.mean(
-                generate.agreement_with_full(model, p, new)
-                for p, (new, _) in zip(prompts, results))
+                generate.judged_by_full(model, p, new)[1] for p, (new, _) in zip(prompts, results))
         else:
             out["speculative_identical_lm"] = all(torch.equal(a, b)
                                                   for a, (b, _) in zip(full, results))

@@ -1,11 +1,13 @@
 """
 What the three scripts (train.py, generate.py, bench.py) share: typed --key=value options, the
-device, and loading a model, from a checkpoint of ours or a Hugging Face folder, with one clear
+device, timing, and loading a model, from a checkpoint of ours or a Hugging Face folder, with one clear
 line when it cannot be done.
 """
 import inspect
 import os
+import statistics
 import sys
+import time
 from dataclasses import fields
 
 import torch
@@ -106,3 +108,39 @@ def frozen_llm(path, ckpt, prog, device, kind):
         raise SystemExit(f"{prog}: cannot load {path}: {first_line(e)}") from None
     print(f"model: {ckpt['gguf']} (the backbone, frozen)", file=sys.stderr)
     return model.to(device), ckpt
+
+
+# -----------------------------------------------------------------------------
+# timing (bench.py; train.py --task=smollm2 picks the drafts' settings by it)
+
+
+def timer(device):
+    """A clock that waits for queued device work, so a timing covers what it claims to."""
+    def now():
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter()
+    return now
+
+
+def timed_runs(fs, repeats, now, warmup=True):
+    """
+    Several ways to do the same work, timed on the same inputs: fs, each a function or a list of
+    one function per input, run input by input, side after side (after one warm-up each), so that
+    a machine whose speed drifts slows every side alike (bench.interleaved: two sides). Returns (each side's sum over inputs of its
+    median time, each side's outputs of the last repeat: a list, one per input).
+    """
+    fs = [[f] if callable(f) else list(f) for f in fs]
+    times = [[[] for _ in side] for side in fs]
+    outputs = [[None] * len(side) for side in fs]
+    if warmup:
+        for group in zip(*fs, strict=True):
+            for f in group:
+                f()
+    for _ in range(repeats):
+        for i, group in enumerate(zip(*fs, strict=True)):
+            for j, f in enumerate(group):
+                t0 = now()
+                outputs[j][i] = f()
+                times[j][i].append(now() - t0)
+    return [sum(map(statistics.median, side)) for side in times], outputs

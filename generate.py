@@ -16,14 +16,15 @@ each generated token goes:
   none         every layer (plain greedy or sampled decoding with a KV cache)
   policy       the first layer whose exit policy says p > threshold (ConsistentEE, token level)
   confidence   the first layer whose exit head's top probability > threshold (CALM's softmax rule)
-  speculative  draft draft_len tokens with policy exits, verify them with the full model in one
-               pass, keep the agreeing prefix (self-speculative decoding, LayerSkip, Elhoushi et
-               al. 2024): greedy output identical to --exit=none, whatever the policy (in fp32;
-               under CUDA's bf16 a near-tie may round differently in the batched verification);
-               with --temperature > 0, speculative sampling: tokens distributed as full depth's.
+  speculative  draft draft_len tokens with policy exits (at --draft_threshold), verify them with
+               the full model in one pass, keep the agreeing prefix (self-speculative decoding,
+               LayerSkip, Elhoushi et al. 2024): greedy output identical to --exit=none, whatever
+               the policy (in fp32; under CUDA's bf16 a near-tie may round differently in the
+               batched verification); with --temperature > 0, speculative sampling: tokens
+               distributed as full depth's.
 A token that exits early leaves its skipped layers without keys/values, which later tokens attend
 to. --kv picks how they are filled (a checkpoint of train.py --task=smollm2 brings its own
---threshold and --kv, picked on validation; given options win):
+--threshold, --kv, --draft_threshold and --draft_len, picked on validation; given options win):
   copy   state copying (CALM, Schuster et al. 2022): at once, from the exited state
          (Decoder.copy_state_up)
   defer  deferred fill (FREE, Bae et al. 2023): the token's skipped layers run later, batched with
@@ -66,6 +67,8 @@ class GenConfig:
                                  # probability) exceeds it
     draft_len: int = 4           # speculative: tokens drafted per verification (the fastest of
                                  # 3..8 on the LM)
+    draft_threshold: float = 0.0 # speculative: the drafts' exit threshold; 0 = --threshold
+                                 # (train.py --task=smollm2 picks both for tokens/s)
     seed: int = 1337
     device: str = "auto"
     chat: bool = False           # the prompt is a user's message in the model's chat template,
@@ -83,7 +86,8 @@ def parse_args(argv):
                     (cfg.ckpt, "--ckpt is required"), (cfg.prompt, "the prompt is empty"),
                     (cfg.max_new_tokens > 0, "--max_new_tokens must be > 0"),
                     (cfg.temperature >= 0, "--temperature >= 0"),
-                    (cfg.draft_len >= 1, "--draft_len >= 1"), (cfg.top_k >= 0, "--top_k >= 0")]:
+                    (cfg.draft_len >= 1, "--draft_len >= 1"), (cfg.top_k >= 0, "--top_k >= 0"),
+                    (0 <= cfg.draft_threshold <= 1, "--draft_threshold in [0, 1]")]:
         if not ok:
             raise SystemExit(f"{PROG}: {msg}")
     return cfg
@@ -164,7 +168,9 @@ def generate(model, idx, max_new_tokens, exit="none", threshold=0.5, temperature
     """
     Continue idx (1, T); kv = "copy" or "defer" fills the skipped layers (see step). Returns
     (new token ids (1, n), stats dict with mean_exit_layer, accepted_per_draft, context_full and
-    exits). exits: the layer each new token's distribution came from, n ints, L for full depth.
+    exits). With exit="none", idx may hold B prompts of one length (B, T): a batch, which on a CPU
+    costs far less than B replies one by one (bench.py's smollm2_rows_cost); a row that has
+    said stop says it again until every row has. exits: the layer each new token's distribution came from, n ints, L for full depth.
     The first new token comes from the prompt's full-depth pass (L); mean_exit_layer leaves it
     out, so it is the mean of exits[1:] (L if n = 1). --exit=speculative: an accepted draft's exit
     layer, L for the token each verification picks; its mean_exit_layer is the mean over all
@@ -173,13 +179,15 @@ def generate(model, idx, max_new_tokens, exit="none", threshold=0.5, temperature
     when the position table is full, and says so in stats["context_full"].
     """
     model.check_ids(idx)
+    if idx.size(0) > 1 and exit != "none":
+        raise ValueError("a batch of prompts generates at full depth only (exit='none')")
     if idx.size(1) >= model.config.block_size:
         raise ValueError(f"the prompt has {idx.size(1)} tokens; the model's context is "
                          f"{model.config.block_size}")
     room = model.config.block_size - idx.size(1)
     new, stats = _generate(model, idx, min(max_new_tokens, room), exit, threshold, temperature,
                            top_k, draft_len, generator, kv, stop)
-    stopped = stop is not None and new[0, -1].item() == stop
+    stopped = stop is not None and bool((new[:, -1] == stop).all())
     return new, stats | {"context_full": max_new_tokens > room and not stopped}
 
 
@@ -197,10 +205,14 @@ def _generate(model, idx, max_new_tokens, exit, threshold, temperature, top_k, d
         logits, out, exits = prefill(model, idx, cache), [], []
         pending = [] if kv == "defer" else None
         folded = model.folded_kv() if rule and kv == "copy" else None
+        done = torch.zeros(idx.size(0), 1, dtype=torch.bool, device=idx.device)  # said stop
         for pos in range(idx.size(1), idx.size(1) + max_new_tokens):
             tok = next_token(logits, temperature, top_k, generator)  # (B, 1)
+            if stop is not None:
+                tok = tok.masked_fill(done, stop)
+                done |= tok == stop
             out.append(tok)
-            if stop is not None and tok.item() == stop:
+            if done.all():
                 break
             if pos + 1 < idx.size(1) + max_new_tokens:
                 logits, e = step(model, tok, cache, pos, rule, pending, folded=folded)
@@ -318,12 +330,16 @@ def mark_exits(pieces, exits, L, color):
 
 
 @torch.no_grad()
-def agreement_with_full(model, idx, new):
-    """Share of the new tokens that full-depth greedy decoding would pick after the same prefix."""
-    seq = torch.cat([idx, new], 1)[:, :-1]
-    logits, _ = model(seq)
-    full = logits[:, idx.size(1) - 1:].argmax(-1)  # (1, n) full depth's choice at each
-    return (full == new).float().mean().item()
+def judged_by_full(model, idx, new):
+    """
+    What full depth thinks of the new tokens (1, n) after idx (1, T), from one pass over the text:
+    (its mean negative log-likelihood per token of them, the share of them that full-depth greedy
+    decoding would pick itself after the same prefix: the agreement).
+    """
+    logits, _ = model(torch.cat([idx, new], 1)[:, :-1])
+    logits = logits[0, idx.size(1) - 1:].float()  # (n, vocab): its prediction of each new token
+    nll = F.cross_entropy(logits, new[0]).item()
+    return nll, (logits.argmax(-1) == new[0]).float().mean().item()
 
 
 def main(argv):
@@ -336,9 +352,13 @@ def main(argv):
     for key, value in ckpt.get("generate", {}).items():  # train.py --task=smollm2 picks them
         if hasattr(cfg, key) and not any(a.startswith(f"--{key}=") for a in argv):
             setattr(cfg, key, value)
+    threshold = cfg.threshold
+    if cfg.exit == "speculative":  # the drafts exit by their own threshold, if one is set
+        threshold = cfg.draft_threshold or cfg.threshold
     if "gguf" in ckpt:  # common.frozen_llm has said which GGUF; these are the checkpoint's parts
-        print(f"exits: {cfg.ckpt} (adapters, policies; threshold {cfg.threshold}, kv {cfg.kv})",
-              file=sys.stderr)
+        mode = (f"drafts: threshold {threshold}, length {cfg.draft_len}"
+                if cfg.exit == "speculative" else f"threshold {threshold}, kv {cfg.kv}")
+        print(f"exits: {cfg.ckpt} (adapters, policies; {mode})", file=sys.stderr)
     elif not ckpt:  # a Hugging Face folder or a GGUF alone
         print("exit policies untrained", file=sys.stderr)
     try:  # a GGUF's own tokenizer; else GPT-2's BPE, or the shorter one of a train.py LM
@@ -361,7 +381,7 @@ def main(argv):
         raise SystemExit(f"{PROG}: the prompt has {idx.size(1)} tokens, the context is {T}")
     g = torch.Generator(device=device).manual_seed(cfg.seed)
     t0 = time.perf_counter()
-    new, stats = generate(model, idx, cfg.max_new_tokens, cfg.exit, cfg.threshold, cfg.temperature,
+    new, stats = generate(model, idx, cfg.max_new_tokens, cfg.exit, threshold, cfg.temperature,
                           cfg.top_k, cfg.draft_len, g, cfg.kv, stop)
     seconds = time.perf_counter() - t0
     if stats["context_full"]:  # never cut silently
@@ -373,7 +393,7 @@ def main(argv):
     pieces = token_pieces(enc, ids)
     report = {"text": text, "tokens": new.size(1),
               "tokens_per_s": new.size(1) / seconds, "mean_exit_layer": stats["mean_exit_layer"],
-              "agreement_with_full": agreement_with_full(model, idx, new),
+              "agreement_with_full": judged_by_full(model, idx, new)[1],
               "accepted_per_draft": stats["accepted_per_draft"], "exits": stats["exits"],
               "tokens_text": pieces}
     if cfg.json:

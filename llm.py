@@ -11,9 +11,10 @@ vocabulary that covers full depth's validation tokens (replies.pick_shortlist, F
      depth's at least --llm_agreement of the time)
   3. adapters and policies together: the adapters learn only at the exits taken (the consistent
      loss, taken_exits_loss), plus the policy loss
-then the threshold for generation, raised until the generated validation replies keep full
-depth's judgement of them (generation_defaults), and the test report, teacher-forced and
-generated, the prompts of kinds training never saw apart.
+then the threshold for generation, the lowest at which the generated validation replies keep
+full depth's judgement of them, and the drafts' threshold and length for speculative decoding,
+the fastest on the clock (generation_defaults, draft_defaults), and the test report,
+teacher-forced and generated, the prompts of kinds training never saw apart.
 The reward and the memorized layer judge each head against the full depth's token (policy_target
 full): what generation is judged by. A head of 49,152 tokens at every layer would not fit (6 GB per
 1,000 tokens), so each head is read once per token and kept as a few numbers (HeadTables).
@@ -26,6 +27,7 @@ import math
 import os
 import time
 from dataclasses import asdict, dataclass, replace
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +38,7 @@ import data
 import replies
 import report
 import tokenizer
+from common import timed_runs, timer
 from model import Decoder, confidence
 from parallel import log
 
@@ -65,15 +68,16 @@ def head_tables(model, s, chunk=512):
     vocabulary, where the other tokens' -inf add nothing, at a third of the work."""
     parts = []
     for x in s.split(chunk):
-        full = model.exit_logits(x[:, -1]).argmax(-1)  # (n,)
+        full = column = model.exit_logits(x[:, -1]).argmax(-1)  # (n,)
+        if model.shortlist is not None:  # full depth's token as a column of the shortlist, or -1
+            column = (full[:, None] == model.shortlist).float().argmax(-1)
+            column[~model.in_shortlist(full)] = -1
         cols = []
         for l in range(s.size(1)):
             logits, ids = model.exit_head(x[:, l], l)  # (n, V')
             top, entropy = confidence(logits)
-            pred, target = logits.argmax(-1), full
-            if ids is not None:  # full depth's token as a column of the shortlist, or -1
-                pred, target = ids[pred], (full[:, None] == ids).float().argmax(-1)
-                target[~model.in_shortlist(full)] = -1
+            pred, target = (logits.argmax(-1), full) if ids is None else (
+                ids[logits.argmax(-1)], column)
             # full depth's token outside the shortlist costs what a uniform guess would
             ce = F.cross_entropy(logits, target.clamp(min=0), reduction="none")
             ce = ce.where(target >= 0, torch.tensor(math.log(model.config.vocab_size)))
@@ -285,23 +289,68 @@ def generation_defaults(model, enc, full_pairs, threshold, scale, cfg):
     What generate.py and bench.py take from the checkpoint: deferred fill (state copying puts a
     state of layer l, whose few massive features differ from deeper layers', into their keys and
     values: on 12 validation prompts at threshold 0.3, 0.60 of the tokens were full depth's with
-    state copying, 0.88 with deferred fill), and the lowest threshold, from the one picked by
-    teacher forcing up, at which greedy replies to the validation prompts keep full depth's
-    judgement of them: their full-depth NLL at most --llm_quality times that of full depth's own
-    replies, and at least --llm_agreement of their tokens full depth's.
+    state copying, 0.88 with deferred fill), the lowest threshold at which greedy replies to the
+    validation prompts keep full depth's judgement of them (their full-depth NLL at most
+    --llm_quality times that of full depth's own replies, and at least --llm_agreement of their
+    tokens full depth's), and the drafts' settings for --exit=speculative (draft_defaults).
+    The thresholds from the one picked by teacher forcing up are searched by bisection, quality
+    taken to grow with the threshold: 2 of those 3 thresholds' replies are generated, at most 4
+    of 12.
     """
     policies, model.policies = model.policies, fold_policies(model.policies, *scale)  # raw states
-    tried = {}
+    own, tried = replies.own_nll(model, full_pairs), {}
+
+    def holds(t):  # the quality bound, at threshold t
+        if t not in tried:
+            tried[t] = replies.quality_summary(replies.reply_quality(model, enc, full_pairs, own,
+                                                                     t, cfg))
+            log(f"generating the validation replies at threshold {t}: full-depth NLL "
+                f"{tried[t]['nll_ratio']:.2f}x full depth's own replies', agreement "
+                f"{tried[t]['agreement']:.3f}, mean exit layer {tried[t]['mean_exit']:.1f}")
+        return tried[t]["nll_ratio"] <= cfg.llm_quality and tried[t]["agreement"] >= cfg.llm_agreement
+
     grid = report.grids(model.config.n_layer, model.n_out, threshold)["consistentee"]
-    for t in [x for x in grid if x >= threshold]:
-        tried[t] = replies.quality_summary(replies.reply_quality(model, enc, full_pairs, t, cfg))
-        log(f"generating the validation replies at threshold {t}: full-depth NLL "
-            f"{tried[t]['nll_ratio']:.2f}x full depth's own replies', agreement "
-            f"{tried[t]['agreement']:.3f}, mean exit layer {tried[t]['mean_exit']:.1f}")
-        if tried[t]["nll_ratio"] <= cfg.llm_quality and tried[t]["agreement"] >= cfg.llm_agreement:
-            break
+    ts = [x for x in grid if x >= threshold]
+    lo, hi = 0, len(ts) - 1  # the lowest threshold that holds is ts[lo..hi], or none does
+    while lo < hi:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if holds(ts[mid]) else (mid + 1, hi)
+    if not holds(ts[lo]):
+        log(f"no threshold keeps the validation replies' quality; the highest, {ts[lo]}, is used")
+    drafts = draft_defaults(model, enc, full_pairs, cfg)
     model.policies = policies
-    return {"threshold": t, "kv": "defer", "validation": tried}
+    return {"threshold": ts[lo], "kv": "defer", "validation": tried} | drafts
+
+
+DRAFT_THRESHOLDS = (0.9, 0.99)  # the drafts' exit thresholds tried (0.3-0.7 were slower still)
+DRAFT_LENS = (1, 2, 4)  # and their lengths
+
+
+def draft_defaults(model, enc, full_pairs, cfg, prompts=4):
+    """
+    The drafts' own exit threshold and length for --exit=speculative, picked for tokens/s: greedy
+    self-speculative replies to the first `prompts` validation prompts (full depth's own replies
+    whatever the drafts: the verification keeps them exact) timed beside full depth, every
+    setting on a prompt before the next prompt (common.timed_runs). model: policies that read raw
+    states. Returns {"draft_threshold", "draft_len", "drafts_validation": {"threshold/length":
+    speed-up over full depth}}.
+    """
+    import generate
+    fast, stop = model.for_decoding(), enc.encode_single_token("<|im_end|>")
+    idxs = [torch.tensor([p], device=model.wte.weight.device) for p, _ in full_pairs[:prompts]]
+    settings = [(t, k) for t in DRAFT_THRESHOLDS for k in DRAFT_LENS]
+    runs = [[partial(generate.generate, fast, idx, cfg.llm_new_tokens, stop=stop) for idx in idxs]]
+    runs += [[partial(generate.generate, fast, idx, cfg.llm_new_tokens, "speculative", t,
+                      draft_len=k, stop=stop) for idx in idxs] for t, k in settings]
+    for run in runs:  # warm-up, not timed
+        run[0]()
+    seconds, _ = timed_runs(runs, 1, timer(cfg.device), warmup=False)
+    speed = {f"{t}/{k}": seconds[0] / s for (t, k), s in zip(settings, seconds[1:])}
+    t, k = settings[min(range(len(settings)), key=lambda i: seconds[1 + i])]
+    log("speculative decoding of the validation replies, speed-up over full depth by drafts' "
+        "threshold/length: " + ", ".join(f"{key} {v:.2f}x" for key, v in speed.items())
+        + f"; picked {t}/{k}")
+    return {"draft_threshold": t, "draft_len": k, "drafts_validation": speed}
 
 
 # -----------------------------------------------------------------------------
@@ -395,7 +444,8 @@ def train_smollm2(cfg):
                shortlist=shortlist)
     t = time.time()  # the test replies, generated; the prompts of kinds training never saw apart
     policies, model.policies = model.policies, fold_policies(model.policies, *scale)
-    q = replies.reply_quality(model, enc, pairs["test"], gen["threshold"], cfg)
+    q = replies.reply_quality(model, enc, pairs["test"], replies.own_nll(model, pairs["test"]),
+                              gen["threshold"], cfg)
     model.policies = policies
     generated = {name: replies.quality_summary(q, kinds["test"], keep) for name, keep in
                  (("all", None), ("training kinds", data.TRAINING_KINDS),

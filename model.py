@@ -286,8 +286,8 @@ class Policy(nn.Module):
 def confidence(logits):
     """What a confidence rule reads from an exit head: (max probability, entropy), each (...,)."""
     logp = F.log_softmax(logits.float(), dim=-1)
-    plogp = torch.special.xlogy(logp.exp(), logp.exp())  # 0 where p = 0 (a shortlist's -inf)
-    return logp.max(-1).values.exp(), -plogp.sum(-1)
+    p = logp.exp()  # 0 at a shortlist's -inf, where p log p counts as 0: log p clamped finite
+    return p.max(-1).values, -(p * logp.clamp(min=torch.finfo(logp.dtype).min)).sum(-1)
 
 
 class Backbone(nn.Module):

@@ -44,6 +44,22 @@ def test_greedy_equals_transformers_generate(gpt2_dir):
     assert torch.equal(new, want) and stats["mean_exit_layer"] == 4
 
 
+def test_a_batch_of_prompts_gives_each_prompts_own_reply(gpt2_dir):
+    """Prompts of one length run as one batch (exit none): each row is the prompt's reply alone,
+    up to its stop, then says stop again until every row has; other exits refuse a batch."""
+    model = Decoder.from_pretrained(gpt2_dir).eval()
+    idx = torch.randint(0, 50257, (3, 5), generator=torch.Generator().manual_seed(2))
+    alone = [generate.generate(model, row[None], 12)[0][0] for row in idx]
+    stop = alone[1][4].item()  # row 1 stops after 5 tokens; the others may not
+    batch, stats = generate.generate(model, idx, 12, stop=stop)
+    for row, want in zip(batch, alone):
+        n = (want == stop).nonzero()[0, 0].item() + 1 if stop in want else len(want)
+        assert torch.equal(row[:n], want[:n]) and (row[n:] == stop).all()
+    assert stats["context_full"] is False
+    with pytest.raises(ValueError, match="full depth only"):
+        generate.generate(model, idx, 4, "policy")
+
+
 # policies that never exit, untrained ones, always exit
 @pytest.mark.parametrize("bias", [-30.0, 0.0, 30.0])
 @pytest.mark.parametrize("draft_len", [1, 3, 5])
@@ -355,6 +371,7 @@ def test_cli_show_exits_piped(gpt2_dir, tmp_path):
     (["--prompt=hi", "--exit=fast"], "unknown --exit=fast"),
     (["--prompt=" + " word" * 80], "the prompt has 80 tokens, the context is 64"),
     (["--prompt=hi", "--kv=later"], "unknown --kv=later"),
+    (["--prompt=hi", "--exit=speculative", "--draft_threshold=2"], "--draft_threshold in [0, 1]"),
 ])
 def test_cli_bad_input_is_one_line(gpt2_dir, args, msg):
     r = run(f"--ckpt={gpt2_dir}", *args)

@@ -121,14 +121,48 @@ def test_pick_shortlist_by_hand():
     assert len(replies.pick_shortlist(freq, pairs, [19999], 0.99)[0]) == 16384
 
 
-def test_reply_nll_and_repeated_3grams_by_hand():
+def test_replies_judged_by_full_depth_by_hand():
+    """One pass gives full depth's NLL of the reply and how many of its tokens it would pick."""
+    import generate
     assert replies.repeated_3grams([1, 2, 3, 1, 2, 3]) == pytest.approx(1 / 4)
     assert replies.repeated_3grams([1, 2]) == 0 and replies.repeated_3grams([4, 4, 4, 4]) == 0.5
     model = tiny_llama()
-    idx, new = torch.tensor([[3, 4, 5]]), torch.tensor([[6, 7]])
+    idx = torch.tensor([[3, 4, 5]])
     logits, _ = model(torch.tensor([[3, 4, 5, 6]]))
-    want = -(logits[0, 2].log_softmax(-1)[6] + logits[0, 3].log_softmax(-1)[7]) / 2
-    assert replies.reply_nll(model, idx, new) == pytest.approx(want.item(), rel=1e-5)
+    greedy = logits[0, 2].argmax().item()
+    new = torch.tensor([[greedy, 7 if logits[0, 3].argmax() != 7 else 8]])
+    logits, _ = model(torch.cat([idx, new[:, :1]], 1))
+    logp = logits[0, 2:].log_softmax(-1)
+    want = -(logp[0, new[0, 0]] + logp[1, new[0, 1]]) / 2
+    nll, agreement = generate.judged_by_full(model, idx, new)
+    assert nll == pytest.approx(want.item(), rel=1e-5) and agreement == 0.5
+    assert replies.own_nll(model, [([3, 4, 5], new[0].tolist())]) == pytest.approx([nll])
+
+
+def test_generation_threshold_is_found_by_bisection(monkeypatch):
+    """The lowest threshold, from teacher forcing's up, whose validation replies keep the quality
+    bound, found by bisection: replies at the others are never generated. None holds: the
+    highest."""
+    model, cfg = tiny_llama(), TrainConfig(llm_quality=1.3, llm_agreement=0.9)
+    scale = (torch.zeros(4, 16), torch.ones(4, 16))  # (L, C) each
+    for t, ratios, want, tried in [
+            (0.9, {0.99: 1.1, 0.95: 1.2, 0.9: 1.4}, 0.95, [0.95, 0.9]),
+            (0.9, {0.99: 1.1, 0.95: 1.4, 0.9: 1.2}, 0.99, [0.95, 0.99]),
+            (0.95, {0.99: 1.5, 0.95: 1.6}, 0.99, [0.95, 0.99]),
+            (0.4, {t: 1.0 for t in (0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99)}, 0.4,
+             [0.7, 0.5, 0.4])]:
+        calls = []
+
+        def quality(model, enc, pairs, own, threshold, cfg):
+            calls.append(threshold)
+            return {"nll_ratio": ratios[threshold], "agreement": 0.95, "mean_exit": 3.0}
+        monkeypatch.setattr(replies, "own_nll", lambda model, pairs: [1.0])
+        monkeypatch.setattr(replies, "reply_quality", quality)
+        monkeypatch.setattr(replies, "quality_summary", lambda q: q)
+        monkeypatch.setattr(llm, "draft_defaults", lambda *a: {"draft_threshold": 0.5})
+        got = llm.generation_defaults(model, None, [([1], [2])], t, scale, cfg)
+        assert got["threshold"] == want and calls == tried and got["draft_threshold"] == 0.5
+        assert got["kv"] == "defer" and list(got["validation"]) == tried
 
 
 def test_first_layer_and_point_by_hand():
@@ -226,7 +260,13 @@ def test_smollm2_pipeline_end_to_end(tmp_path):
     assert rep["oracle"]["stage1"] >= 1.0 and len(rep["agreement_by_layer"]["plain"]) == 30
     assert os.path.getsize(os.path.join(out, "stage3.pt")) < 50e6
     assert rep["shortlist"]["size"] in replies.SHORTLISTS  # the exits' vocabulary, saved
-    assert len(torch.load(f"{out}/stage3.pt")["shortlist"]) == rep["shortlist"]["size"]
+    saved = torch.load(f"{out}/stage3.pt")
+    assert len(saved["shortlist"]) == rep["shortlist"]["size"]
+    picked = saved["generate"]  # the drafts' own settings, the fastest on validation
+    assert picked["draft_threshold"] in llm.DRAFT_THRESHOLDS and picked["draft_len"] in llm.DRAFT_LENS
+    speed = picked["drafts_validation"]
+    assert len(speed) == 6 and speed[f"{picked['draft_threshold']}/{picked['draft_len']}"] == max(
+        speed.values())
     held_out = rep["generated_test"]["held-out kinds"]
     assert held_out["prompts"] == 2 and held_out["nll_policy"] > 0 and held_out["nll_full"] > 0
     texts = {}
@@ -236,6 +276,10 @@ def test_smollm2_pipeline_end_to_end(tmp_path):
         assert r.returncode == 0, r.stderr[-2000:]
         texts[exit] = json.loads(r.stdout)
     assert texts["speculative"]["text"] == texts["none"]["text"]
+    r = run("generate.py", f"--ckpt={out}/stage3.pt", "--chat", "--prompt=Hi.",
+            "--exit=speculative", "--max_new_tokens=2")
+    assert (f"(adapters, policies; drafts: threshold {picked['draft_threshold']}, length "
+            f"{picked['draft_len']})") in r.stderr
     assert 1 <= texts["policy"]["mean_exit_layer"] <= 30
     import bench  # its figures on the run's test prompts
     b = bench.smollm2_exits(f"{out}/stage3.pt", "cpu", 1, bench.timer("cpu"), new_tokens=8)
@@ -244,6 +288,13 @@ def test_smollm2_pipeline_end_to_end(tmp_path):
     assert b["smollm2_policy_exit_speedup"] > 0 and b["smollm2_speculative_speedup"] > 0
     assert b["smollm2_policy_reply_nll"] > 0 and b["smollm2_full_reply_nll_held_out_kinds"] > 0
     assert 0 <= b["smollm2_policy_repeat_3gram"] <= 1
+    assert b["smollm2_speculative_drafts"] == {"threshold": picked["draft_threshold"],
+                                              "draft_len": picked["draft_len"]}
+    curve = b["smollm2_threshold_curve"]
+    assert [(p["threshold"], p["kv"]) for p in curve][:6] == bench.CURVE
+    assert all(p["speedup"] > 0 and p["nll_ratio"] > 0 and 0 <= p["agreement"] <= 1
+               and 1 <= p["mean_exit_layer"] <= 30 for p in curve)
+    assert b["smollm2_rows_cost"][1] == 1.0 and set(b["smollm2_rows_cost"]) == {1, 2, 4, 8}
     r = run("train.py", "--task=smollm2", "--stage=2", f"--out_dir={out}")
     assert r.returncode != 0 and r.stderr.strip().splitlines() == [
         "train.py: --task=smollm2 runs its three stages in one process (--stage, --resume and "
