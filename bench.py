@@ -35,9 +35,9 @@ the two alternate input by input, and each input's medians are summed.
                                layers, the heads, the policies, state copying; drafts and
                                verification; other; total) at full depth, with policy exits (and
                                again without the shortlist) and speculative; smollm2_head_share
-  smollm2_threshold_curve      policy exits at thresholds 0.9, 0.95, 0.99, each with deferred fill
-                               and with state copying: speed-up, full depth's NLL of the replies
-                               over its own replies' (nll_ratio), agreement, mean exit layer
+  smollm2_threshold_curve      policy exits at thresholds 0.9, 0.95, 0.99 with deferred fill, 0.9
+                               and 0.99 with state copying: speed-up, full depth's NLL of the
+                               replies over its own replies' (nll_ratio), agreement, exit layer
   smollm2_speculative_cost_model  c, a, gamma, v and the speed-up they predict (Leviathan et al.);
                                smollm2_speculative_drafts, the drafts' threshold and length
   smollm2_rows_cost            a block's matrix products on k rows / on one row, k = 1, 2, 4, 8:
@@ -229,9 +229,9 @@ def smollm2_generation(device, repeats, now, new_tokens=32):
     return {"smollm2_ours_over_hf_generate": ratio}
 
 
-# smollm2_threshold_curve: policy exits at each threshold, with either way of filling the
+# smollm2_threshold_curve: policy exits at these thresholds and ways of filling the
 # skipped layers (deferred fill, state copying)
-CURVE = [(t, kv) for kv in ("defer", "copy") for t in (0.9, 0.95, 0.99)]
+CURVE = [(0.9, "defer"), (0.95, "defer"), (0.99, "defer"), (0.9, "copy"), (0.99, "copy")]
 
 
 def smollm2_exits(ckpt, device, repeats, now, new_tokens=32):
@@ -240,7 +240,7 @@ def smollm2_exits(ckpt, device, repeats, now, new_tokens=32):
     32 tokens at full depth, with policy exits at the checkpoint's threshold and kv and at each
     (threshold, kv) of CURVE (the speed against the quality), and self-speculative with the
     checkpoint's drafts, each prompt run by all of them in turn (timed_runs); the replies judged
-    by full depth; the oracle's layer speed-up by teacher forcing on full depth's
+    by full depth (agreement: the share of all the replies' tokens, not a mean over prompts); the oracle's layer speed-up by teacher forcing on full depth's
     replies, each token at the first layer whose head says what full depth does.
     """
     import generate
@@ -252,7 +252,8 @@ def smollm2_exits(ckpt, device, repeats, now, new_tokens=32):
             "smollm2_policy_repeat_3gram", "smollm2_full_repeat_3gram",
             "smollm2_threshold_curve", "memory_bandwidth_gbs", "smollm2_bytes_per_token_mb",
             "smollm2_full_over_bandwidth_limit", "smollm2_time_per_token",
-            "smollm2_head_share", "smollm2_speculative_cost_model", "smollm2_rows_cost")
+            "smollm2_head_share", "smollm2_speculative_cost_model", "smollm2_rows_cost",
+            "smollm2_speculative_drafts")
     if not ckpt and not os.path.isfile("out_smollm2/stage3.pt"):
         return {"smollm2_model": "out_smollm2/stage3.pt missing: run python train.py "
                                  "--task=smollm2"} | dict.fromkeys(keys)
@@ -480,8 +481,8 @@ def memory_bandwidth_gbs(device, now, mb=512, repeats=5):
 def rows_cost(model, now, rows=(1, 2, 4, 8), repeats=20):  # rows: 1 among them
     """
     What k rows through a block's matrix products cost against one row, here: the time of every
-    linear layer of block 1 on k rows over its time on one, {k: ratio} (median of 5 timings of
-    `repeats` passes). Products bound by memory traffic read the weights once for any k (a ratio
+    linear layer of the first block on k rows over its time on one, in float32, {k: ratio}
+    (median of 5 timings of `repeats` passes, after a warm-up). Products bound by memory traffic read the weights once for any k (a ratio
     near 1, as on a GPU); deferred fill and the verification of speculative decoding run several
     rows at once and gain only as much as this is below k.
     """
@@ -499,6 +500,7 @@ def rows_cost(model, now, rows=(1, 2, 4, 8), repeats=20):  # rows: 1 among them
             times.append(now() - t0)
         return statistics.median(times)
     with torch.inference_mode():
+        seconds(1)  # warm-up
         times = {k: seconds(k) for k in rows}
     return {k: t / times[1] for k, t in times.items()}
 
@@ -669,7 +671,11 @@ def main(argv):
         if key in out:
             v = out[key]
             print(f"{key:<32}{v:.3f}" if isinstance(v, float) else f"{key:<32}{v}")
-    for key in ("smollm2_head_share", "smollm2_speculative_cost_model"):
+    for point in out.get("smollm2_threshold_curve") or []:  # policy exits: speed and quality
+        print(f"smollm2 threshold {point['threshold']} kv {point['kv']:<6}"
+              + "  ".join(f"{k} {v:.3f}" for k, v in point.items() if k not in ("threshold", "kv")))
+    for key in ("smollm2_head_share", "smollm2_speculative_cost_model", "smollm2_rows_cost",
+                "smollm2_speculative_drafts"):
         if out.get(key):
             print(f"{key:<32}" + "  ".join(f"{k} {v:.3f}" for k, v in out[key].items()))
     for mode, parts in (out.get("smollm2_time_per_token") or {}).items():  # ms per token

@@ -117,7 +117,7 @@ def frozen_llm(path, ckpt, prog, device, kind):
 def timer(device):
     """A clock that waits for queued device work, so a timing covers what it claims to."""
     def now():
-        if device == "cuda":
+        if str(device).startswith("cuda"):
             torch.cuda.synchronize()
         return time.perf_counter()
     return now

@@ -168,9 +168,9 @@ def generate(model, idx, max_new_tokens, exit="none", threshold=0.5, temperature
     """
     Continue idx (1, T); kv = "copy" or "defer" fills the skipped layers (see step). Returns
     (new token ids (1, n), stats dict with mean_exit_layer, accepted_per_draft, context_full and
-    exits). With exit="none", idx may hold B prompts of one length (B, T): a batch, which on a CPU
-    costs far less than B replies one by one (bench.py's smollm2_rows_cost); a row that has
-    said stop says it again until every row has. exits: the layer each new token's distribution came from, n ints, L for full depth.
+    exits). With exit="none", idx may hold B prompts of one length, (B, T) -> (B, n): a batch,
+    which on a CPU costs less than B replies one by one; a row that has said stop says it again
+    until every row has. exits: the layer each new token's distribution came from, n ints, L for full depth.
     The first new token comes from the prompt's full-depth pass (L); mean_exit_layer leaves it
     out, so it is the mean of exits[1:] (L if n = 1). --exit=speculative: an accepted draft's exit
     layer, L for the token each verification picks; its mean_exit_layer is the mean over all
@@ -349,8 +349,11 @@ def main(argv):
     model.eval()
     model = model.for_decoding()  # the same weights laid out for one-row products (model.py)
     gguf = cfg.ckpt if cfg.ckpt.endswith(".gguf") else ckpt.get("gguf")  # or train.py's smollm2
+    given = {a.removeprefix("--").partition("=")[0] for a in argv}
     for key, value in ckpt.get("generate", {}).items():  # train.py --task=smollm2 picks them
-        if hasattr(cfg, key) and not any(a.startswith(f"--{key}=") for a in argv):
+        # a given --threshold also sets the drafts' unless --draft_threshold is given too
+        if hasattr(cfg, key) and key not in given and not (key == "draft_threshold"
+                                                            and "threshold" in given):
             setattr(cfg, key, value)
     threshold = cfg.threshold
     if cfg.exit == "speculative":  # the drafts exit by their own threshold, if one is set

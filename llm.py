@@ -68,8 +68,9 @@ def head_tables(model, s, chunk=512):
     vocabulary, where the other tokens' -inf add nothing, at a third of the work."""
     parts = []
     for x in s.split(chunk):
-        full = column = model.exit_logits(x[:, -1]).argmax(-1)  # (n,)
-        if model.shortlist is not None:  # full depth's token as a column of the shortlist, or -1
+        full = model.exit_logits(x[:, -1]).argmax(-1)  # (n,)
+        column = full  # full depth's token as a column of the shortlist, or -1
+        if model.shortlist is not None:
             column = (full[:, None] == model.shortlist).float().argmax(-1)
             column[~model.in_shortlist(full)] = -1
         cols = []
@@ -294,8 +295,8 @@ def generation_defaults(model, enc, full_pairs, threshold, scale, cfg):
     --llm_quality times that of full depth's own replies, and at least --llm_agreement of their
     tokens full depth's), and the drafts' settings for --exit=speculative (draft_defaults).
     The thresholds from the one picked by teacher forcing up are searched by bisection, quality
-    taken to grow with the threshold: 2 of those 3 thresholds' replies are generated, at most 4
-    of 12.
+    taken to grow with the threshold: from 0.9, replies at 2 of 0.9, 0.95 and 0.99 are generated;
+    from 0.05, at 4 of the 13.
     """
     policies, model.policies = model.policies, fold_policies(model.policies, *scale)  # raw states
     own, tried = replies.own_nll(model, full_pairs), {}

@@ -27,7 +27,7 @@ def replies(model, enc, texts, new_tokens, desc, batch=32):
     """The model's own greedy reply (full depth, at most new_tokens) to each prompt: a list of
     (prompt ids, reply ids), each a list of ints. Prompts of one length in tokens run as one batch
     (up to `batch` of them, no padding needed): on 2 CPU cores the 240 training prompts took 339 s
-    so, against about 694 s one by one, and gave the same replies."""
+    in batches against about 694 s one by one, and gave the same replies. The bar counts batches."""
     import generate  # the generation loop lives there; it imports nothing of this file
     stop = enc.encode_single_token("<|im_end|>")
     fast, device = model.for_decoding(), model.wte.weight.device  # the same tokens, sooner

@@ -56,6 +56,7 @@ def test_a_batch_of_prompts_gives_each_prompts_own_reply(gpt2_dir):
         n = (want == stop).nonzero()[0, 0].item() + 1 if stop in want else len(want)
         assert torch.equal(row[:n], want[:n]) and (row[n:] == stop).all()
     assert stats["context_full"] is False
+    assert generate.generate(model, idx, 100)[1]["context_full"] is True  # 59 of 64 positions left
     with pytest.raises(ValueError, match="full depth only"):
         generate.generate(model, idx, 4, "policy")
 

@@ -128,10 +128,9 @@ def test_replies_judged_by_full_depth_by_hand():
     assert replies.repeated_3grams([1, 2]) == 0 and replies.repeated_3grams([4, 4, 4, 4]) == 0.5
     model = tiny_llama()
     idx = torch.tensor([[3, 4, 5]])
-    logits, _ = model(torch.tensor([[3, 4, 5, 6]]))
-    greedy = logits[0, 2].argmax().item()
-    new = torch.tensor([[greedy, 7 if logits[0, 3].argmax() != 7 else 8]])
-    logits, _ = model(torch.cat([idx, new[:, :1]], 1))
+    greedy = model(idx)[0][0, -1].argmax().item()
+    logits, _ = model(torch.tensor([[3, 4, 5, greedy]]))
+    new = torch.tensor([[greedy, 7 if logits[0, 3].argmax() != 7 else 8]])  # full depth's, not
     logp = logits[0, 2:].log_softmax(-1)
     want = -(logp[0, new[0, 0]] + logp[1, new[0, 1]]) / 2
     nll, agreement = generate.judged_by_full(model, idx, new)
@@ -265,8 +264,8 @@ def test_smollm2_pipeline_end_to_end(tmp_path):
     picked = saved["generate"]  # the drafts' own settings, the fastest on validation
     assert picked["draft_threshold"] in llm.DRAFT_THRESHOLDS and picked["draft_len"] in llm.DRAFT_LENS
     speed = picked["drafts_validation"]
-    assert len(speed) == 6 and speed[f"{picked['draft_threshold']}/{picked['draft_len']}"] == max(
-        speed.values())
+    assert len(speed) == 6 and all(v > 0 for v in speed.values())
+    assert speed[f"{picked['draft_threshold']}/{picked['draft_len']}"] == max(speed.values())
     held_out = rep["generated_test"]["held-out kinds"]
     assert held_out["prompts"] == 2 and held_out["nll_policy"] > 0 and held_out["nll_full"] > 0
     texts = {}
@@ -280,6 +279,9 @@ def test_smollm2_pipeline_end_to_end(tmp_path):
             "--exit=speculative", "--max_new_tokens=2")
     assert (f"(adapters, policies; drafts: threshold {picked['draft_threshold']}, length "
             f"{picked['draft_len']})") in r.stderr
+    r = run("generate.py", f"--ckpt={out}/stage3.pt", "--chat", "--prompt=Hi.",
+            "--exit=speculative", "--max_new_tokens=1", "--threshold=0.42")  # a given one wins
+    assert "drafts: threshold 0.42," in r.stderr
     assert 1 <= texts["policy"]["mean_exit_layer"] <= 30
     import bench  # its figures on the run's test prompts
     b = bench.smollm2_exits(f"{out}/stage3.pt", "cpu", 1, bench.timer("cpu"), new_tokens=8)
@@ -291,10 +293,11 @@ def test_smollm2_pipeline_end_to_end(tmp_path):
     assert b["smollm2_speculative_drafts"] == {"threshold": picked["draft_threshold"],
                                               "draft_len": picked["draft_len"]}
     curve = b["smollm2_threshold_curve"]
-    assert [(p["threshold"], p["kv"]) for p in curve][:6] == bench.CURVE
+    assert [(p["threshold"], p["kv"]) for p in curve][:len(bench.CURVE)] == bench.CURVE
     assert all(p["speedup"] > 0 and p["nll_ratio"] > 0 and 0 <= p["agreement"] <= 1
                and 1 <= p["mean_exit_layer"] <= 30 for p in curve)
-    assert b["smollm2_rows_cost"][1] == 1.0 and set(b["smollm2_rows_cost"]) == {1, 2, 4, 8}
+    rows = b["smollm2_rows_cost"]
+    assert set(rows) == {1, 2, 4, 8} and rows[1] == 1.0 and all(v > 0 for v in rows.values())
     r = run("train.py", "--task=smollm2", "--stage=2", f"--out_dir={out}")
     assert r.returncode != 0 and r.stderr.strip().splitlines() == [
         "train.py: --task=smollm2 runs its three stages in one process (--stage, --resume and "
