@@ -239,9 +239,10 @@ def smollm2_exits(ckpt, device, repeats, now, new_tokens=32):
     The exits of train.py --task=smollm2 on its held-out (test) prompts: greedy replies of at most
     32 tokens at full depth, with policy exits at the checkpoint's threshold and kv and at each
     (threshold, kv) of CURVE (the speed against the quality), and self-speculative with the
-    checkpoint's drafts, each prompt run by all of them in turn (timed_runs); the replies judged
-    by full depth (agreement: the share of all the replies' tokens, not a mean over prompts); the oracle's layer speed-up by teacher forcing on full depth's
-    replies, each token at the first layer whose head says what full depth does.
+    checkpoint's drafts, each prompt run by all of them in turn (timed_runs); the replies judged by
+    full depth (agreement: the share of all the replies' tokens, not a mean over prompts); the
+    oracle's layer speed-up by teacher forcing on full depth's replies, each token at the first
+    layer whose head says what full depth does.
     """
     import generate
     import llm
@@ -481,10 +482,10 @@ def memory_bandwidth_gbs(device, now, mb=512, repeats=5):
 def rows_cost(model, now, rows=(1, 2, 4, 8), repeats=20):  # rows: 1 among them
     """
     What k rows through a block's matrix products cost against one row, here: the time of every
-    linear layer of the first block on k rows over its time on one, in float32, {k: ratio}
-    (median of 5 timings of `repeats` passes, after a warm-up). Products bound by memory traffic read the weights once for any k (a ratio
-    near 1, as on a GPU); deferred fill and the verification of speculative decoding run several
-    rows at once and gain only as much as this is below k.
+    linear layer of the first block on k rows over its time on one, in float32, {k: ratio} (median
+    of 5 timings of `repeats` passes, after a warm-up). Products bound by memory traffic read the
+    weights once for any k (a ratio near 1, as on a GPU); deferred fill and the verification of
+    speculative decoding run several rows at once and gain only as much as this is below k.
     """
     linears = [m for m in model.blocks[0].modules() if isinstance(m, (nn.Linear, TransposedLinear))]
     device = model.wte.weight.device

@@ -1,7 +1,7 @@
 """
 What the three scripts (train.py, generate.py, bench.py) share: typed --key=value options, the
-device, timing, and loading a model, from a checkpoint of ours or a Hugging Face folder, with one clear
-line when it cannot be done.
+device, timing, and loading a model, from a checkpoint of ours or a Hugging Face folder, with one
+clear line when it cannot be done.
 """
 import inspect
 import os
@@ -125,10 +125,11 @@ def timer(device):
 
 def timed_runs(fs, repeats, now, warmup=True):
     """
-    Several ways to do the same work, timed on the same inputs: fs, each a function or a list of
-    one function per input, run input by input, side after side (after one warm-up each), so that
-    a machine whose speed drifts slows every side alike (bench.interleaved: two sides). Returns (each side's sum over inputs of its
-    median time, each side's outputs of the last repeat: a list, one per input).
+    Several ways to do the same work, timed on the same inputs: fs, each a function or a list of one
+    function per input, run input by input, side after side (after one warm-up each), so that a
+    machine whose speed drifts slows every side alike (bench.interleaved: two sides). Returns (each
+    side's sum over inputs of its median time, each side's outputs of the last repeat: a list, one
+    per input).
     """
     fs = [[f] if callable(f) else list(f) for f in fs]
     times = [[[] for _ in side] for side in fs]

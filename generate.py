@@ -166,15 +166,15 @@ def prefill(model, idx, cache):
 def generate(model, idx, max_new_tokens, exit="none", threshold=0.5, temperature=0.0, top_k=0,
              draft_len=4, generator=None, kv="copy", stop=None):
     """
-    Continue idx (1, T); kv = "copy" or "defer" fills the skipped layers (see step). Returns
-    (new token ids (1, n), stats dict with mean_exit_layer, accepted_per_draft, context_full and
-    exits). With exit="none", idx may hold B prompts of one length, (B, T) -> (B, n): a batch,
-    which on a CPU costs less than B replies one by one; a row that has said stop says it again
-    until every row has. exits: the layer each new token's distribution came from, n ints, L for full depth.
-    The first new token comes from the prompt's full-depth pass (L); mean_exit_layer leaves it
-    out, so it is the mean of exits[1:] (L if n = 1). --exit=speculative: an accepted draft's exit
-    layer, L for the token each verification picks; its mean_exit_layer is the mean over all
-    drafts, refused ones included (the drafting's depth), not over exits.
+    Continue idx (1, T); kv = "copy" or "defer" fills the skipped layers (see step). Returns (new
+    token ids (1, n), stats dict with mean_exit_layer, accepted_per_draft, context_full and exits).
+    With exit="none", idx may hold B prompts of one length, (B, T) -> (B, n): a batch, which on a
+    CPU costs less than B replies one by one; a row that has said stop says it again until every row
+    has. exits: the layer each new token's distribution came from, n ints, L for full depth. The
+    first new token comes from the prompt's full-depth pass (L); mean_exit_layer leaves it out, so
+    it is the mean of exits[1:] (L if n = 1). --exit=speculative: an accepted draft's exit layer, L
+    for the token each verification picks; its mean_exit_layer is the mean over all drafts, refused
+    ones included (the drafting's depth), not over exits.
     Stops after the token stop (kept, as transformers keeps its end-of-sequence token), or early
     when the position table is full, and says so in stats["context_full"].
     """

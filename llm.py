@@ -308,7 +308,8 @@ def generation_defaults(model, enc, full_pairs, threshold, scale, cfg):
             log(f"generating the validation replies at threshold {t}: full-depth NLL "
                 f"{tried[t]['nll_ratio']:.2f}x full depth's own replies', agreement "
                 f"{tried[t]['agreement']:.3f}, mean exit layer {tried[t]['mean_exit']:.1f}")
-        return tried[t]["nll_ratio"] <= cfg.llm_quality and tried[t]["agreement"] >= cfg.llm_agreement
+        return (tried[t]["nll_ratio"] <= cfg.llm_quality
+                and tried[t]["agreement"] >= cfg.llm_agreement)
 
     grid = report.grids(model.config.n_layer, model.n_out, threshold)["consistentee"]
     ts = [x for x in grid if x >= threshold]
