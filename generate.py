@@ -212,7 +212,7 @@ def _generate(model, idx, max_new_tokens, exit, threshold, temperature, top_k, d
                 tok = tok.masked_fill(done, stop)
                 done |= tok == stop
             out.append(tok)
-            if done.all():
+            if stop is not None and done.all():
                 break
             if pos + 1 < idx.size(1) + max_new_tokens:
                 logits, e = step(model, tok, cache, pos, rule, pending, folded=folded)

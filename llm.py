@@ -295,8 +295,8 @@ def generation_defaults(model, enc, full_pairs, threshold, scale, cfg):
     --llm_quality times that of full depth's own replies, and at least --llm_agreement of their
     tokens full depth's), and the drafts' settings for --exit=speculative (draft_defaults).
     The thresholds from the one picked by teacher forcing up are searched by bisection, quality
-    taken to grow with the threshold: from 0.9, replies at 2 of 0.9, 0.95 and 0.99 are generated;
-    from 0.05, at 4 of the 13.
+    taken to grow with the threshold: from 0.9, replies at no more than 2 of 0.9, 0.95 and 0.99
+    are generated; from 0.05, at no more than 4 of the 12.
     """
     policies, model.policies = model.policies, fold_policies(model.policies, *scale)  # raw states
     own, tried = replies.own_nll(model, full_pairs), {}
